@@ -1,0 +1,50 @@
+# The two commands of the README:
+#   make demo   install, bring the local stack up, run the main job on the toy preset
+#   make test   install, run the whole test suite (unit, integration, e2e)
+# Both create or reuse the virtual environment in .venv.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-unit stack-up stack-down lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python >= 3.11 is required (PYTHON=$(PYTHON))"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $@
+
+.env: | $(STAMP)
+	$(BIN)/icd stack init-env
+
+stack-up: install .env
+	$(BIN)/icd stack up
+
+stack-down: install
+	$(BIN)/icd stack down
+
+demo: stack-up
+	@echo "== checking the stack from inside a Ray job (Ray Data <-> S3, MLflow)"
+	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/check_stack.py
+	@$(BIN)/icd stack status
+	@echo "MLflow UI: $$($(BIN)/icd stack env | sed -n "s/^export MLFLOW_TRACKING_URI=//p")"
+	@echo "Ray dashboard: $$($(BIN)/icd stack env | sed -n "s/^export RAY_ADDRESS=//p")"
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lock: install
+	{ echo "# Exact versions this project is tested with (pip freeze of .venv on the CPU dev machine)."; \
+	  echo "# Used as pip constraints by the Makefile; regenerate with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info platform/*.egg-info

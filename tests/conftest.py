@@ -1,0 +1,62 @@
+"""Shared fixtures. The local stack is started once per test session, on its own ports and
+in its own state directory, so it never touches a developer's stack (ports from
+$ICD_TEST_PORT_BASE, default 31000)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from icd.stack import StackSettings, down, up
+
+PORT_BASE = int(os.environ.get("ICD_TEST_PORT_BASE", "31000"))
+
+
+def _settings(state_dir: Path, base: int = PORT_BASE, **overrides) -> StackSettings:
+    values = dict(
+        state_dir=state_dir,
+        host="127.0.0.1",
+        bucket="icd-test",
+        s3_access_key="testkey" + secrets.token_hex(4),
+        s3_secret_key=secrets.token_urlsafe(24),
+        s3_port=base, mlflow_port=base + 1, ray_port=base + 2, ray_dashboard_port=base + 3,
+        ray_client_port=base + 4, serve_port=base + 5,
+        s3_internal_port_base=base + 10, ray_internal_port_base=base + 20,
+        ray_num_cpus=2, ray_object_store_mb=512,
+    )
+    values.update(overrides)
+    return StackSettings(_env_file=None, **values)
+
+
+@pytest.fixture
+def make_stack_settings():
+    """``make_stack_settings(state_dir, base=..., **fields)``: settings on test ports, no .env."""
+    return _settings
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> StackSettings:
+    """A running stack (S3 + MLflow + Ray head) for the whole session."""
+    settings = _settings(tmp_path_factory.mktemp("stack") / ".icd")
+    up(settings, say=lambda msg: None)
+    yield settings
+    down(settings, say=lambda msg: None)
+
+
+@pytest.fixture
+def stack_env(stack, monkeypatch) -> StackSettings:
+    """The running stack, with this process's environment pointed at it as a client's would be."""
+    for key, value in stack.client_env().items():
+        monkeypatch.setenv(key, value)
+    return stack
+
+
+def pytest_collection_modifyitems(items):
+    """Mark each test with its tier (the folder it lives in): unit, integration or e2e."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))
