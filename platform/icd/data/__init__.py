@@ -1,0 +1,1 @@
+"""Data: the shapes world, LAION-format shards, Ray Data readers and preprocessing."""

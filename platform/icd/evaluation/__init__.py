@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction, editing and generation metrics."""

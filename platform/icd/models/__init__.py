@@ -1,0 +1,1 @@
+"""Models: base components (UNet, VAE, text encoder, tokenizer), presets, LoRA adapters."""

@@ -1,0 +1,49 @@
+"""The ``forward`` (encoder) and ``reverse`` (decoder) LoRA adapters on one UNet, via PEFT.
+
+Saved per adapter in diffusers' LoRA format (``pytorch_lora_weights.safetensors``, the LoRA
+config in its metadata) plus PEFT's ``adapter_config.json``; one directory per adapter, so
+neither can overwrite the other.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peft import LoraConfig
+
+from icd.models.bundle import FORWARD, REVERSE
+
+ADAPTERS = (FORWARD, REVERSE)
+
+
+def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
+    """LoRA on modules whose names end with one of ``targets`` (e.g. to_q, conv1, time_emb_proj)."""
+    pattern = r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=pattern)
+
+
+def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTERS) -> None:
+    """Attach one fresh LoRA adapter per name; the base weights are frozen, adapters trainable."""
+    unet.requires_grad_(False)
+    for name in names:
+        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+
+
+def save_adapter(unet, name: str, directory: str | Path) -> Path:
+    directory = Path(directory)
+    unet.save_lora_adapter(directory, adapter_name=name, safe_serialization=True)
+    unet.peft_config[name].save_pretrained(directory)
+    return directory
+
+
+def load_adapter(unet, name: str, directory: str | Path) -> None:
+    """Load an adapter saved by `save_adapter` (or a diffusers LoRA file) under ``name``."""
+    directory = Path(directory)
+    weights = directory / "pytorch_lora_weights.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {directory}")
+    unet.load_lora_adapter(str(directory), adapter_name=name, prefix=None, use_safetensors=True)

@@ -1,0 +1,133 @@
+"""Build or load the base components from "toy", a hub id, a local directory or an s3:// URI.
+
+Always the diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``) and always safetensors: a pickle checkpoint (.bin/.pt/.ckpt/.pth/.pkl) can run
+arbitrary code when loaded, so it is refused with an error saying how to convert it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from icd.diffusion.schedule import scaled_linear_alphas_cumprod
+from icd.models.bundle import ModelBundle
+from icd.models.tokenizer import offline_clip_tokenizer
+from icd.models.toy import TOY_BASE_DIR
+from icd.storage import S3Settings, filesystem_for, is_s3_uri
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class ModelLoadError(RuntimeError):
+    """A base model that cannot be loaded; the message names the file or field."""
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Raise unless every component folder holds safetensors weights."""
+    for component in COMPONENTS:
+        folder = directory / component
+        if not folder.is_dir():
+            raise ModelLoadError(f"{directory} is not in diffusers layout: missing {component}/")
+        if any(folder.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{folder / pickles[0]} is a pickle checkpoint; only safetensors are loaded (a pickle can run "
+                "code). Convert it with save_pretrained(..., safe_serialization=True)."
+            )
+        raise ModelLoadError(f"no *.safetensors weights in {folder}")
+
+
+def download_s3_model(uri: str, cache_dir: Path | None = None, settings: S3Settings | None = None) -> Path:
+    """Copy an s3:// model directory to a local cache (once per URI) and return the local path."""
+    from pyarrow import fs as pafs
+
+    cache_dir = Path(cache_dir or os.environ.get("ICD_MODEL_CACHE", Path.home() / ".cache" / "icd" / "models"))
+    local = cache_dir / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    marker = local / ".complete"
+    if marker.exists():
+        return local
+    s3, path = filesystem_for(uri, settings)
+    if s3.get_file_info(path).type != pafs.FileType.Directory:
+        raise ModelLoadError(f"{uri} is not a directory in object storage")
+    local.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(local), source_filesystem=s3, destination_filesystem=pafs.LocalFileSystem())
+    marker.write_text(uri)
+    return local
+
+
+def _alphas_cumprod(directory: Path | None, hub_id: str | None, revision: str | None) -> torch.Tensor:
+    config = None
+    if directory is not None and (directory / "scheduler" / "scheduler_config.json").exists():
+        config = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    elif hub_id is not None:
+        from diffusers import DDIMScheduler
+
+        config = DDIMScheduler.load_config(hub_id, subfolder="scheduler", revision=revision)
+    if config is None:
+        return scaled_linear_alphas_cumprod()
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ModelLoadError(f"scheduler beta_schedule {config['beta_schedule']!r}: expected 'scaled_linear'")
+    if config.get("prediction_type", "epsilon") != "epsilon":
+        raise ModelLoadError(f"scheduler prediction_type {config['prediction_type']!r}: expected 'epsilon'")
+    return scaled_linear_alphas_cumprod(config["beta_start"], config["beta_end"], config["num_train_timesteps"])
+
+
+def load_bundle(base: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", cache_dir: Path | None = None) -> ModelBundle:
+    """Load the base model named by ``base`` ("toy", hub id, directory or s3:// URI) as a `ModelBundle`."""
+    if base == "toy":
+        source, hub_id = TOY_BASE_DIR, None
+        if not (source / "unet").is_dir():
+            raise ModelLoadError(f"the toy base model is missing from {source}; run jobs/pretrain_toy_base.py")
+    elif is_s3_uri(base):
+        source, hub_id = download_s3_model(base, cache_dir), None
+    elif Path(base).expanduser().is_dir():
+        source, hub_id = Path(base).expanduser(), None
+    elif Path(base).expanduser().exists():
+        raise ModelLoadError(f"model.base={base!r} is a file; expected a diffusers directory, hub id or s3:// URI")
+    else:
+        source, hub_id = None, base
+    if source is not None:
+        refuse_pickles(source)
+    where = str(source) if source is not None else hub_id
+    kwargs = dict(use_safetensors=True, torch_dtype=dtype)
+    if hub_id is not None:
+        kwargs["revision"] = revision
+    try:
+        unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kwargs)
+    except (OSError, EnvironmentError) as exc:
+        raise ModelLoadError(f"cannot load model.base={base!r}: {exc}") from None
+    if source is not None and not (source / "tokenizer" / "vocab.json").exists():
+        tokenizer = offline_clip_tokenizer()
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer",
+                                                  **({"revision": revision} if hub_id else {}))
+    bundle = ModelBundle(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         alphas_cumprod=_alphas_cumprod(source, hub_id, revision), source=base)
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    return bundle
+
+
+def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
+    """Write the base components in diffusers layout (safetensors), loadable by `load_bundle`."""
+    from icd.models.toy import sd_scheduler
+
+    directory = Path(directory)
+    for name in COMPONENTS:
+        getattr(bundle, name).save_pretrained(directory / name, safe_serialization=True)
+    bundle.tokenizer.save_pretrained(directory / "tokenizer")
+    sd_scheduler().save_pretrained(directory / "scheduler")
+    return directory
