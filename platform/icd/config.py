@@ -86,6 +86,9 @@ class MethodConfig(_Section):
     lambda_reverse: float = Field(1.5, ge=0)
     dynamic_cfg_tau: float = Field(0.8, ge=0, le=1)
     encode_from_timestep: int = Field(19, ge=0)
+    # LPIPS for the cycle loss: ImageNet VGG in production; a random VGG where torchvision's
+    # weights cannot be downloaded (the metric is then named lpips_randvgg).
+    lpips_pretrained_backbone: bool = True
 
     @field_validator("reverse_timesteps")
     @classmethod
