@@ -13,6 +13,9 @@
 
 Progress and a quick caption-accuracy probe go to stdout; the full measurement is
 ``benchmarks/toy_base_quality.py``.
+
+``--finetune-decoder-steps N`` instead refines the VAE *decoder* of an existing model in
+``--out`` (the encoder, hence every latent the UNet was trained on, stays unchanged).
 """
 
 from __future__ import annotations
@@ -74,6 +77,32 @@ def train_vae(args, log) -> torch.nn.Module:
                 f"({time.time() - start:.0f}s)")
             if value >= args.vae_target_psnr:
                 break
+    return vae.eval().requires_grad_(False)
+
+
+def finetune_decoder(vae, steps: int, lr: float, batch: int, seed: int, log) -> torch.nn.Module:
+    """Train only the decoder side (post_quant_conv + decoder) on posterior-mode latents."""
+    vae.requires_grad_(False)
+    decoder_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder_params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(decoder_params, lr=lr)
+    rng = np.random.default_rng(seed + 1)
+    eval_x, _ = render_batch(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + 256))
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        x, _ = render_batch(rng.integers(0, 2**31, size=batch))
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mode()
+        loss = F.mse_loss(vae.decode(latents).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == steps:
+            with torch.no_grad():
+                value = psnr(vae.decode(vae.encode(eval_x).latent_dist.mode()).sample, eval_x)
+            log(f"decoder step {step}/{steps} loss {loss.item():.5f} held-out PSNR {value:.2f} dB")
     return vae.eval().requires_grad_(False)
 
 
@@ -153,6 +182,7 @@ def main() -> None:
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--probe-every", type=int, default=500)
+    parser.add_argument("--finetune-decoder-steps", type=int, default=0)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -161,6 +191,16 @@ def main() -> None:
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:7.0f}s] {msg}", flush=True)
+
+    if args.finetune_decoder_steps:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.out / "vae", torch_dtype=torch.float32, use_safetensors=True)
+        scaling = vae.config.scaling_factor
+        vae = finetune_decoder(vae, args.finetune_decoder_steps, args.vae_lr / 4, args.batch_vae, args.seed, log)
+        vae.to(torch.float16).save_pretrained(args.out / "vae", safe_serialization=True)
+        log(f"saved the fine-tuned decoder to {args.out / 'vae'} (scaling factor {scaling:.4f} kept)")
+        return
 
     vae = train_vae(args, log)
     latents, captions = encode_training_set(vae, args.train_images)
