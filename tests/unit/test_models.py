@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from icd.models.adapters import add_adapters, load_adapter, save_adapter
+from icd.config import load_config
+from icd.models.adapters import add_adapters, add_adapters_from_config, load_adapter, save_adapter
 from icd.models.bundle import FORWARD, REVERSE
 from icd.models.guidance_unet import add_guidance_embedding
 from icd.models.loading import ModelLoadError, load_bundle, save_bundle
@@ -111,3 +112,15 @@ def test_adapters_disabled_equal_the_base_unet_and_save_load_is_identical(tmp_pa
         assert torch.equal(fresh.eps(x, 519, context, 7.0), base)
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
         load_adapter(fresh.unet, "other", tmp_path)
+
+
+def test_production_lora_targets_cover_every_named_layer_type():
+    bundle = tiny_bundle(seed=4)
+    add_adapters_from_config(bundle.unet, load_config("jobs/configs/sd15.yaml").model)
+    wrapped = [name for name, module in bundle.unet.named_modules() if hasattr(module, "lora_A")]
+    for target in ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                   "conv1", "conv2", "time_emb_proj"):
+        assert any(name.endswith("." + target) for name in wrapped), target
+    lora = [m for m in bundle.unet.modules() if hasattr(m, "lora_A")]
+    # Rank 64 with PEFT's default alpha 8: effective scale 8/64, as the released adapters.
+    assert all(m.r["icd_forward"] == 64 and m.scaling["icd_reverse"] == 8 / 64 for m in lora)

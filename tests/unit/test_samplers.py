@@ -90,7 +90,8 @@ def test_ddim_sample_equals_the_diffusers_scheduler_loop():
     assert torch.allclose(ours, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("boundaries", [DEFAULT, THREE_STEP], ids=["4-step", "3-step"])
+@pytest.mark.parametrize("boundaries", [DEFAULT, THREE_STEP, Boundaries((999, 779, 519, 259), (0, 259, 519, 779))],
+                         ids=["4-step", "3-step", "from-t0"])
 def test_multi_boundary_samplers_driven_by_the_exact_ode_are_exact(boundaries):
     fwd_of = lambda t: boundaries.forward_boundary(torch.tensor([t]))[0].item()
     rev_of = lambda t: boundaries.reverse_boundary(torch.tensor([t]))[0].item()

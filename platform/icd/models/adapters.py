@@ -33,6 +33,11 @@ def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTE
             param.requires_grad_(True)
 
 
+def add_adapters_from_config(unet, model_config) -> None:
+    """Attach both adapters with the rank, alpha and target modules of an `icd.config.ModelConfig`."""
+    add_adapters(unet, model_config.lora_rank, model_config.lora_alpha, list(model_config.lora_targets))
+
+
 def save_adapter(unet, name: str, directory: str | Path) -> Path:
     directory = Path(directory)
     unet.save_lora_adapter(directory, adapter_name=name, safe_serialization=True)
