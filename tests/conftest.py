@@ -38,9 +38,19 @@ def make_stack_settings():
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> StackSettings:
-    """A running stack (S3 + MLflow + Ray head) for the whole session."""
-    settings = _settings(tmp_path_factory.mktemp("stack") / ".icd")
+def stack() -> StackSettings:
+    """A running stack (S3 + MLflow + Ray head) for the whole session, from an empty state dir.
+
+    The state dir is fixed per port base, so a test run that was killed before its teardown
+    leaves processes this one can find and stop by their records.
+    """
+    import shutil
+    import tempfile
+
+    state_dir = Path(tempfile.gettempdir()) / f"icd-test-stack-{PORT_BASE}"
+    down(_settings(state_dir), say=lambda msg: None)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    settings = _settings(state_dir)
     up(settings, say=lambda msg: None)
     yield settings
     down(settings, say=lambda msg: None)

@@ -1,0 +1,101 @@
+"""The latent cache: images encoded by the VAE and captions by the text encoder, once.
+
+A Ray Data stage on an actor pool (GPU actors in production) writes parquet to
+``s3://<bucket>/latents/<dataset>/<model-hash>/``; training stages read it instead of
+decoding and encoding every step. ``_manifest.json`` is written last: a cache without it is
+incomplete and is rebuilt, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from icd.data.reader import PreprocessOptions, counts, preprocess, read_raw
+from icd.storage import S3Settings, filesystem_for
+
+MANIFEST = "_manifest.json"
+
+
+def model_hash(base: str, revision: str | None, options: PreprocessOptions) -> str:
+    """Identity of (encoder weights, preprocessing): local weights are hashed by content."""
+    from icd.models.loading import COMPONENTS, download_s3_model
+    from icd.models.toy import TOY_BASE_DIR
+    from icd.storage import is_s3_uri
+
+    digest = hashlib.sha256(json.dumps([base, revision, options.resolution, options.crop, options.seed,
+                                        repr(options.sample_filter)]).encode())
+    local = TOY_BASE_DIR if base == "toy" else download_s3_model(base) if is_s3_uri(base) else Path(base)
+    if local.is_dir():
+        for component in COMPONENTS[1:]:  # the VAE and the text encoder make the cache
+            for f in sorted((local / component).glob("*")):
+                digest.update(f.name.encode())
+                digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class LatentEncoder:
+    """``map_batches`` callable: pixels -> scaled VAE latents (posterior mode), ids -> CLIP hidden states."""
+
+    def __init__(self, base: str, revision: str | None, device: str):
+        from icd.models.loading import load_bundle
+
+        self.bundle = load_bundle(base, revision=revision, device=device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict:
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"]))
+        ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.bundle.device)
+        latents = self.bundle.encode_images(pixels).float().cpu().numpy()
+        hidden = self.bundle.text_encoder(ids).last_hidden_state.float().cpu().numpy()
+        return {"key": batch["key"], "caption": batch["caption"], "input_ids": batch["input_ids"],
+                "latents": latents, "encoder_hidden_states": hidden}
+
+
+def cache_uri(dataset: str, digest: str, settings: S3Settings | None = None) -> str:
+    settings = settings or S3Settings.from_env()
+    return settings.uri(f"latents/{dataset}/{digest}")
+
+
+def read_manifest(uri: str, settings: S3Settings | None = None) -> dict | None:
+    fs, root = filesystem_for(uri, settings)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def build_latent_cache(dataset_uri: str, out_uri: str, base: str, options: PreprocessOptions,
+                       revision: str | None = None, actors: int = 1, use_gpu: bool = False,
+                       settings: S3Settings | None = None) -> dict:
+    """Encode every good sample of ``dataset_uri`` into ``out_uri``; returns the manifest (with counts)."""
+    existing = read_manifest(out_uri, settings)
+    if existing is not None:
+        return {**existing, "reused": True}
+    fs, root = filesystem_for(out_uri, settings)
+    fs.delete_dir_contents(root, missing_dir_ok=True)  # a partial earlier attempt
+    # Half a CPU each for the two actor pools, so the read tasks always find a CPU.
+    examples = preprocess(read_raw(dataset_uri, settings), options, cpus_per_actor=0.5)
+    encoded = examples.map_batches(
+        LatentEncoder, fn_constructor_args=(base, revision, "cuda" if use_gpu else "cpu"), batch_size=64,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0.5)
+    encoded.write_parquet(f"{root}", filesystem=fs)
+    manifest = {"dataset": dataset_uri, "model": base, "revision": revision, "resolution": options.resolution,
+                "samples": counts(options.counter_name) if options.counter_name else None}
+    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
+        f.write(json.dumps(manifest, indent=1).encode())
+    return {**manifest, "reused": False}
+
+
+def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.Dataset:
+    if read_manifest(uri, settings) is None:
+        raise FileNotFoundError(f"{uri} is not a complete latent cache (no {MANIFEST}); build it first")
+    fs, root = filesystem_for(uri, settings)
+    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])

@@ -1,0 +1,186 @@
+"""Ray Data pipelines from LAION-format shards (or LAION-style parquet) in S3 to training examples.
+
+    rows = read_raw(uri)                    # key, image bytes, caption, metadata (tolerant tar reading)
+    ds = preprocess(rows, options)          # filter -> decode -> RGB -> resize + crop -> [-1, 1] -> tokens
+
+Bad samples never stop a run: each is skipped and counted by reason in a named
+`BadSampleCounter` actor, which the job logs (``counts()``).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+from pyarrow import fs as pafs
+
+from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_model_range
+from icd.data.shards import iter_tar_samples
+from icd.storage import S3Settings, filesystem_for
+
+RAW_COLUMNS = ("key", "image", "caption", "meta")
+READ_CPUS = 0.25
+
+
+# --- counting bad samples across Ray workers ------------------------------------------------
+
+@ray.remote(num_cpus=0)
+class BadSampleCounter:
+    def __init__(self):
+        self._counts: Counter = Counter()
+
+    def add(self, counts: dict[str, int]) -> None:
+        self._counts.update(counts)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self._counts)
+
+
+# A non-detached actor dies when its last handle does, named or not: the driver keeps one.
+_HANDLES: dict[str, "ray.actor.ActorHandle"] = {}
+
+
+def counter(name: str) -> "ray.actor.ActorHandle":
+    """The named counter of one pipeline run (created on first use, shared by all workers)."""
+    handle = BadSampleCounter.options(name=name, namespace="icd-data", get_if_exists=True).remote()
+    _HANDLES.setdefault(name, handle)
+    return handle
+
+
+def counts(name: str) -> dict[str, int]:
+    """Samples per outcome ("ok" or the reason a sample was skipped) so far."""
+    return ray.get(counter(name).snapshot.remote())
+
+
+# --- raw rows -----------------------------------------------------------------------------
+
+def list_files(uri: str, suffix: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """Files ending with ``suffix`` directly under a dataset directory (local or s3://), sorted."""
+    fs, path = filesystem_for(uri, settings)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if not files:
+        raise FileNotFoundError(f"no *{suffix} files under {uri}")
+    return fs, files
+
+
+def _explode_tar(row: dict) -> list[dict]:
+    out = []
+    for sample in iter_tar_samples(row["bytes"]):
+        if sample == "truncated":
+            out.append({"key": f"{row['path']}#truncated", "image": None, "caption": None,
+                        "meta": json.dumps({"_status": "truncated_tar"})})
+            continue
+        out.append({"key": sample.key, "image": sample.image, "caption": sample.caption,
+                    "meta": json.dumps(sample.meta)})
+    return out
+
+
+def read_raw(uri: str, settings: S3Settings | None = None, shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """Raw samples of the ``{shard:05d}.tar`` files of a dataset directory (one block per tar)."""
+    fs, tars = list_files(uri, ".tar", settings)
+    shuffle = ray.data.FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    # Reading and splitting tars is I/O-bound: light CPU requests leave room for the actor
+    # pools downstream (full-CPU read tasks can starve them on a small node and deadlock).
+    files = ray.data.read_binary_files(tars, filesystem=fs, include_paths=True, shuffle=shuffle,
+                                       ray_remote_args={"num_cpus": READ_CPUS})
+    return files.flat_map(_explode_tar, num_cpus=READ_CPUS)
+
+
+def read_laion_parquet(uri: str, image_column: str = "jpg", caption_column: str = "caption",
+                       settings: S3Settings | None = None) -> ray.data.Dataset:
+    """LAION-style parquet with the image bytes in a column; other columns become metadata."""
+    fs, files = list_files(uri, ".parquet", settings)
+
+    def to_raw(batch: dict) -> dict:
+        n = len(batch[image_column])
+        keys = batch.get("key", [str(i) for i in range(n)])
+        others = [c for c in batch if c not in (image_column, caption_column)]
+        metas = [json.dumps({c: _plain(batch[c][i]) for c in others}) for i in range(n)]
+        return {"key": [str(k) for k in keys], "image": list(batch[image_column]),
+                "caption": list(batch[caption_column]), "meta": metas}
+
+    return ray.data.read_parquet(files, filesystem=fs, ray_remote_args={"num_cpus": READ_CPUS}).map_batches(
+        to_raw, batch_format="numpy", num_cpus=READ_CPUS)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    resolution: int
+    crop: str = "center"
+    sample_filter: SampleFilter = field(default_factory=SampleFilter)
+    seed: int = 0
+    counter_name: str | None = None  # count bad samples in this named actor
+
+    @classmethod
+    def from_config(cls, config, counter_name: str | None = None) -> "PreprocessOptions":
+        return cls(config.model.resolution, config.data.crop, SampleFilter.from_config(config.data),
+                   config.data.shuffle_seed, counter_name)
+
+
+class Preprocessor:
+    """A ``map_batches`` callable (one per actor: the tokenizer is built once)."""
+
+    def __init__(self, options: PreprocessOptions):
+        from icd.models.tokenizer import offline_clip_tokenizer
+
+        self.options = options
+        self.tokenizer = offline_clip_tokenizer()
+        self.counter = counter(options.counter_name) if options.counter_name else None
+
+    def example(self, key: str, image: bytes | None, caption: str | None, meta: dict) -> np.ndarray:
+        """One sample to pixels in [-1, 1], or raise `BadSample`."""
+        if meta.get("_status"):
+            raise BadSample(meta["_status"])
+        opts = self.options
+        opts.sample_filter.check_metadata(caption, meta)
+        rgb = decode_rgb(image, opts.sample_filter)
+        opts.sample_filter.check_size(*rgb.size)
+        # The crop of a given key is the same on every run and worker.
+        rng = np.random.default_rng([opts.seed, zlib.crc32(key.encode())]) if opts.crop == "random" else None
+        return to_model_range(resize_and_crop(rgb, opts.resolution, opts.crop, rng))
+
+    def __call__(self, batch: dict) -> dict:
+        keys, pixels, captions, bad = [], [], [], Counter()
+        for key, image, caption, meta in zip(batch["key"], batch["image"], batch["caption"], batch["meta"]):
+            try:
+                pixels.append(self.example(key, image, caption, json.loads(meta) if meta else {}))
+            except BadSample as exc:
+                bad[exc.reason] += 1
+                continue
+            keys.append(key)
+            captions.append(caption.strip())
+        bad["ok"] += len(keys)
+        if self.counter is not None:
+            ray.get(self.counter.add.remote(dict(bad)))  # synchronous: counts are complete when the data is
+        resolution = self.options.resolution
+        ids = (self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="np").input_ids if captions
+               else np.zeros((0, self.tokenizer.model_max_length), dtype=np.int64))
+        return {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object),
+                "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, resolution, resolution), np.float32),
+                "input_ids": ids.astype(np.int64)}
+
+
+def preprocess(raw: ray.data.Dataset, options: PreprocessOptions, actors: int = 1, cpus_per_actor: float = 1.0,
+               batch_size: int = 64) -> ray.data.Dataset:
+    """Filtered, decoded, resized, normalised and tokenised examples (bad samples counted, dropped).
+
+    Leave CPUs for the read tasks: on a 2-CPU node, 2 actors of 1 CPU each would starve them.
+    """
+    if options.counter_name:
+        counter(options.counter_name)  # owned by this driver, so it lives as long as the job
+    return raw.map_batches(Preprocessor, fn_constructor_args=(options,), batch_size=batch_size,
+                           batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                           num_cpus=cpus_per_actor)
