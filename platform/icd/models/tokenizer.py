@@ -34,9 +34,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _bpe_file() -> Path:
-    import open_clip
+    import importlib.util
 
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # Locate the wheel's file without importing open_clip (which imports torch and timm: ~5 s).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("open_clip_torch is not installed; it ships the CLIP vocabulary")
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.exists():
         raise FileNotFoundError(f"{path} missing: reinstall open_clip_torch, which ships the CLIP vocabulary")
     return path

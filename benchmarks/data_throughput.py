@@ -1,0 +1,105 @@
+"""Images/s of the Ray Data pipeline against a plain single-process loop, on the same shards.
+
+    eval "$(.venv/bin/icd stack env)"
+    python benchmarks/data_throughput.py [--count 4000] [--size 512] [--resolution 256]
+
+Both read the same LAION-format shards from the stack's S3 (LAION-like 512 px JPEGs of
+the shapes world with photo-like noise) and do the same work per sample: filter, decode,
+RGB, resize + centre crop, [-1, 1], CLIP tokens. The Ray side runs on a local Ray with
+all cores (ray.init excluded from its time, actor start-up included).
+Last line: {"ray_images_per_s": ..., "baseline_images_per_s": ..., "ratio": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from icd.data.reader import PreprocessOptions, Preprocessor, list_files, preprocess, read_raw
+from icd.data.shapes import render, sample_spec
+from icd.data.shards import ShardSample, iter_tar_samples, write_dataset
+from icd.storage import S3Settings
+
+
+def photo_like_samples(count: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        spec = sample_spec(rng)
+        pixels = render(spec, size=size).image.astype(np.float32) + rng.normal(0, 12, (size, size, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        yield ShardSample(f"{i:09d}", buffer.getvalue(), "jpg", spec.caption, {"width": size, "height": size})
+
+
+def baseline(uri: str, options: PreprocessOptions, batch_size: int) -> int:
+    """The same per-sample work in one process: read each tar, preprocess, tokenise per batch."""
+    worker = Preprocessor(options)
+    fs, tars = list_files(uri, ".tar")
+    done = 0
+    for tar in tars:
+        with fs.open_input_stream(tar) as f:
+            samples = [s for s in iter_tar_samples(f.read()) if s != "truncated"]
+        for lo in range(0, len(samples), batch_size):
+            chunk = samples[lo:lo + batch_size]
+            batch = {"key": [s.key for s in chunk], "image": [s.image for s in chunk],
+                     "caption": [s.caption for s in chunk], "meta": [json.dumps(s.meta) for s in chunk]}
+            done += len(worker(batch)["key"])
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--per-shard", type=int, default=250)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+
+    import ray
+
+    settings = S3Settings.from_env()
+    uri = settings.uri(f"datasets/bench-throughput-{args.count}-{args.size}")
+    if not dataset_complete(uri):
+        start = time.time()
+        write_dataset(photo_like_samples(args.count, args.size), uri, args.per_shard, settings)
+        print(f"wrote {args.count} images to {uri} in {time.time() - start:.0f}s", flush=True)
+    options = PreprocessOptions(resolution=args.resolution, crop="center")
+
+    start = time.time()
+    n_plain = baseline(uri, options, args.batch_size)
+    plain_s = time.time() - start
+    print(f"plain loop: {n_plain} images in {plain_s:.1f}s", flush=True)
+
+    cpus = os.cpu_count() or 2
+    ray.init(num_cpus=cpus, object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    start = time.time()
+    ds = preprocess(read_raw(uri), options, actors=cpus, cpus_per_actor=(cpus - 0.5) / cpus,
+                    batch_size=args.batch_size)
+    n_ray = sum(len(b["key"]) for b in ds.iter_batches(batch_size=args.batch_size, batch_format="numpy"))
+    ray_s = time.time() - start
+    print(f"Ray Data ({cpus} actors): {n_ray} images in {ray_s:.1f}s", flush=True)
+    ray.shutdown()
+    if n_ray != n_plain:
+        raise SystemExit(f"the two pipelines disagree: {n_ray} vs {n_plain} images")
+    result = {"ray_images_per_s": round(n_ray / ray_s, 1), "baseline_images_per_s": round(n_plain / plain_s, 1)}
+    result["ratio"] = round(result["ray_images_per_s"] / result["baseline_images_per_s"], 2)
+    print(json.dumps(result))
+
+
+def dataset_complete(uri: str) -> bool:
+    """Whether a complete copy of the dataset (its _stats.json is written last) is already there."""
+    from icd.storage import filesystem_for
+
+    fs, root = filesystem_for(uri)
+    return fs.get_file_info(f"{root}/_stats.json").size is not None
+
+
+if __name__ == "__main__":
+    main()

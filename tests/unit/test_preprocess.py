@@ -1,0 +1,87 @@
+"""Pure preprocessing and shard parsing (no Ray)."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_model_range, to_rgb
+from icd.data.shards import ShardSample, iter_tar_samples, write_shard
+
+
+def _encode(image: Image.Image, fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_conversions_to_8bit_rgb():
+    gray = Image.fromarray(np.full((4, 4), 100, np.uint8))
+    assert np.asarray(to_rgb(gray))[0, 0].tolist() == [100, 100, 100]
+    rgba = Image.fromarray(np.dstack([np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 0, np.uint8)]), "RGBA")
+    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    sixteen = Image.fromarray(np.full((4, 4), 65535, np.uint16))
+    assert np.asarray(to_rgb(sixteen))[0, 0].tolist() == [255, 255, 255]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    palette = Image.fromarray(np.zeros((4, 4, 3), np.uint8)).convert("P")
+    assert to_rgb(palette).mode == "RGB"
+
+
+def test_decode_rejects_what_cannot_be_used():
+    f = SampleFilter(max_pixels=10_000)
+    with pytest.raises(BadSample, match="missing_image"):
+        decode_rgb(None, f)
+    with pytest.raises(BadSample, match="corrupt_image"):
+        decode_rgb(b"GIF89a garbage", f)
+    with pytest.raises(BadSample, match="decompression_bomb"):
+        decode_rgb(_encode(Image.new("L", (200, 200))), f)
+    png = _encode(Image.new("RGB", (64, 32), (1, 2, 3)))
+    truncated = png[: len(png) // 2]
+    with pytest.raises(BadSample, match="corrupt_image"):
+        decode_rgb(truncated, SampleFilter())
+    assert decode_rgb(png, SampleFilter()).size == (64, 32)
+
+
+def test_filter_checks():
+    f = SampleFilter(min_side=32, max_aspect_ratio=2.0, min_similarity=0.3, max_pwatermark=0.5)
+    f.check_metadata("a caption", {})
+    f.check_size(64, 32)
+    for caption, meta, reason in [(None, {}, "missing_caption"), ("  ", {}, "missing_caption"),
+                                  ("x", {"similarity": 0.2}, "low_similarity"), ("x", {"pwatermark": 0.8}, "watermark")]:
+        with pytest.raises(BadSample) as info:
+            f.check_metadata(caption, meta)
+        assert info.value.reason == reason
+    for size, reason in [((31, 64), "too_small"), ((100, 32), "aspect_ratio"), ((1, 1), "too_small")]:
+        with pytest.raises(BadSample) as info:
+            f.check_size(*size)
+        assert info.value.reason == reason
+
+
+def test_resize_short_side_and_crop():
+    image = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint32).reshape(60, 80, 3).astype(np.uint8))
+    out = resize_and_crop(image, 30, "center")
+    assert out.shape == (30, 30, 3)
+    a = resize_and_crop(image, 30, "random", np.random.default_rng(1))
+    b = resize_and_crop(image, 30, "random", np.random.default_rng(1))
+    assert np.array_equal(a, b)
+    square = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    assert np.array_equal(resize_and_crop(square, 32), np.asarray(square))  # no-op when already the size
+    x = to_model_range(np.array([[[0, 255, 127]]], np.uint8))
+    assert x.shape == (3, 1, 1) and x[0, 0, 0] == -1.0 and x[1, 0, 0] == 1.0
+
+
+def test_shard_write_then_parse_with_duplicate_keys():
+    buffer, parquet = io.BytesIO(), io.BytesIO()
+    samples = [ShardSample("a", b"img-a", "png", "cap a", {"similarity": 0.3}),
+               ShardSample("b", b"img-b", "jpg", "cap b", {})]
+    assert write_shard(samples + [ShardSample("a", b"img-a2", "png", "cap a again", {})], buffer, parquet) == 3
+    parsed = list(iter_tar_samples(buffer.getvalue()))
+    assert [(s.key, s.image, s.caption) for s in parsed] == [("a", b"img-a", "cap a"), ("b", b"img-b", "cap b"),
+                                                             ("a", b"img-a2", "cap a again")]
+    assert parsed[0].meta["similarity"] == 0.3 and parsed[1].image_ext == "jpg"
+    data = buffer.getvalue()
+    cut = list(iter_tar_samples(data[: data.index(b"img-b") + 2]))
+    assert cut[-1] == "truncated" and cut[0].key == "a"
