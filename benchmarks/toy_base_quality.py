@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from icd.data.shapes import COLORS, SHAPES, caption, random_sample
+from icd.data.shapes import random_sample, sample_specs
 from icd.diffusion import samplers
 from icd.evaluation.shapes import shape_region_color
 from icd.models.loading import load_bundle
@@ -45,21 +45,13 @@ def vae_psnr(bundle, n: int, batch: int = 128) -> float:
 
 @torch.no_grad()
 def caption_accuracy(bundle, n: int, guidance: float, steps: int, batch: int = 64, seed: int = 0) -> float:
-    rng = np.random.default_rng(seed)
-    names = list(COLORS)
+    specs = sample_specs(np.random.default_rng(seed), n)
     hits = []
     for lo in range(0, n, batch):
-        prompts, colors, backgrounds = [], [], []
-        for _ in range(min(batch, n - lo)):
-            color = names[rng.integers(len(names))]
-            background = [c for c in names if c != color][rng.integers(len(names) - 1)]
-            prompts.append(caption(color, SHAPES[rng.integers(len(SHAPES))], background))
-            colors.append(color)
-            backgrounds.append(background)
-        out = samplers.ddim_generate(bundle, prompts, num_steps=steps, guidance=guidance,
+        chunk = specs[lo:lo + batch]
+        out = samplers.ddim_generate(bundle, [s.caption for s in chunk], num_steps=steps, guidance=guidance,
                                      generator=torch.Generator().manual_seed(seed + lo))
-        for image, color, background in zip(to_uint8(out.images), colors, backgrounds):
-            hits.append(shape_region_color(image, background) == color)
+        hits += [shape_region_color(image, s.background) == s.color for image, s in zip(to_uint8(out.images), chunk)]
     return float(np.mean(hits))
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
-from icd.data.shapes import COLORS, SHAPES, caption, random_sample
+from icd.data.shapes import random_sample, sample_specs
 from icd.evaluation.shapes import shape_region_color
 from icd.models.tokenizer import offline_clip_tokenizer, write_clip_tokenizer_files
 from icd.models.toy import sd_scheduler, toy_text_encoder, toy_unet, toy_vae
@@ -119,15 +119,8 @@ def encode_training_set(vae, n: int, batch: int = 256) -> tuple[torch.Tensor, li
 @torch.no_grad()
 def caption_accuracy_probe(unet, text_encoder, vae, tokenizer, scaling, n=64, steps=20, w=7.0, seed=0) -> float:
     """Fraction of DDIM generations (code guidance w) whose shape colour matches the caption."""
-    rng = np.random.default_rng(seed)
-    names = list(COLORS)
-    prompts, colors, backgrounds = [], [], []
-    for _ in range(n):
-        color = names[rng.integers(len(names))]
-        background = [c for c in names if c != color][rng.integers(len(names) - 1)]
-        prompts.append(caption(color, SHAPES[rng.integers(len(SHAPES))], background))
-        colors.append(color)
-        backgrounds.append(background)
+    specs = sample_specs(np.random.default_rng(seed), n)
+    prompts = [s.caption for s in specs]
     scheduler = sd_scheduler()
     scheduler.set_timesteps(steps)
     ids = tokenizer(prompts + [""] * n, padding="max_length", max_length=77, truncation=True,
@@ -139,7 +132,7 @@ def caption_accuracy_probe(unet, text_encoder, vae, tokenizer, scaling, n=64, st
         eps_c, eps_u = eps.chunk(2)
         x = scheduler.step(eps_c + w * (eps_c - eps_u), t, x).prev_sample
     images = ((vae.decode(x / scaling).sample.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    hits = [shape_region_color(img, bg) == c for img, c, bg in zip(images, colors, backgrounds)]
+    hits = [shape_region_color(img, s.background) == s.color for img, s in zip(images, specs)]
     return float(np.mean(hits))
 
 

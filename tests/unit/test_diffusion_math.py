@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline
 from icd.diffusion.boundaries import Boundaries, teacher_timestep
 from icd.diffusion.guidance import cfg_combine, dynamic_guidance, guidance_embedding, guidance_schedule
 from icd.diffusion.schedule import (
-    CLEAN, add_noise, alpha_sigma, ddim_jump, ddim_jump_timesteps, predict_x0, scaled_linear_alphas_cumprod,
+    CLEAN, add_noise, alpha_sigma, ddim_jump_timesteps, predict_x0, scaled_linear_alphas_cumprod,
     target_alpha_sigma,
 )
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from icd.config import load_config
 from icd.models.adapters import add_adapters, add_adapters_from_config, load_adapter, save_adapter

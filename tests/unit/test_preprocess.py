@@ -1,7 +1,6 @@
 """Pure preprocessing and shard parsing (no Ray)."""
 
 import io
-import tarfile
 
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from icd.data.shapes import COLORS, SHAPES, caption, random_sample
+from icd.data.shapes import random_sample, sample_specs
 from icd.diffusion import samplers
 from icd.evaluation.shapes import shape_region_color
 from icd.models.loading import load_bundle
@@ -37,17 +37,9 @@ def test_toy_bundle_shapes_and_vae_quality():
 
 def test_toy_teacher_follows_the_caption_colour():
     bundle = load_bundle("toy")
-    rng = np.random.default_rng(0)
-    names = list(COLORS)
-    prompts, colors, backgrounds = [], [], []
-    for _ in range(32):
-        color = names[rng.integers(8)]
-        background = [c for c in names if c != color][rng.integers(7)]
-        prompts.append(caption(color, SHAPES[rng.integers(4)], background))
-        colors.append(color)
-        backgrounds.append(background)
-    out = samplers.ddim_generate(bundle, prompts, num_steps=20, guidance=7.0, generator=torch.Generator().manual_seed(0))
+    specs = sample_specs(np.random.default_rng(0), 32)
+    out = samplers.ddim_generate(bundle, [s.caption for s in specs], num_steps=20, guidance=7.0, generator=torch.Generator().manual_seed(0))
     assert out.nfe == 40  # a plain CFG teacher: two passes per guided step
     images = ((out.images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    accuracy = np.mean([shape_region_color(im, bg) == c for im, c, bg in zip(images, colors, backgrounds)])
+    accuracy = np.mean([shape_region_color(im, s.background) == s.color for im, s in zip(images, specs)])
     assert accuracy >= 0.5  # chance is 1/7

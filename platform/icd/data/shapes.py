@@ -149,6 +149,11 @@ def edit_spec(spec: ShapeSpec, rng: np.random.Generator) -> tuple[ShapeSpec, str
     return replace(spec, **{attribute: value}), attribute
 
 
+def sample_specs(rng: np.random.Generator, n: int) -> list[ShapeSpec]:
+    """``n`` random specs, e.g. captions (and their colours) for text-to-image probes."""
+    return [sample_spec(rng) for _ in range(n)]
+
+
 def nearest_color(rgb: np.ndarray, exclude: tuple[str, ...] = ()) -> str:
     """Name of the palette colour nearest to ``rgb`` (Euclidean in RGB)."""
     best, best_d = "", float("inf")
