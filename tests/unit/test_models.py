@@ -123,3 +123,15 @@ def test_production_lora_targets_cover_every_named_layer_type():
     lora = [m for m in bundle.unet.modules() if hasattr(m, "lora_A")]
     # Rank 64 with PEFT's default alpha 8: effective scale 8/64, as the released adapters.
     assert all(m.r["icd_forward"] == 64 and m.scaling["icd_reverse"] == 8 / 64 for m in lora)
+
+
+def test_unreachable_hub_id_says_what_to_do_instead():
+    import subprocess
+    import sys
+
+    code = ("from icd.models.loading import load_bundle, ModelLoadError\n"
+            "try:\n    load_bundle('stable-diffusion-v1-5/stable-diffusion-v1-5')\n"
+            "except ModelLoadError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert "from the Hugging Face hub" in out.stdout and "s3:// URI" in out.stdout

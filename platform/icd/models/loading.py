@@ -108,6 +108,11 @@ def load_bundle(base: str, revision: str | None = None, dtype: torch.dtype = tor
         vae = AutoencoderKL.from_pretrained(where, subfolder="vae", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", **kwargs)
     except (OSError, EnvironmentError) as exc:
+        if hub_id is not None:
+            raise ModelLoadError(
+                f"cannot load model.base={base!r} from the Hugging Face hub ({str(exc).splitlines()[0]}); "
+                "without hub access, point model.base at a local diffusers directory or an s3:// URI"
+            ) from None
         raise ModelLoadError(f"cannot load model.base={base!r}: {exc}") from None
     if source is not None and not (source / "tokenizer" / "vocab.json").exists():
         tokenizer = offline_clip_tokenizer()
