@@ -16,9 +16,19 @@ from tqdm import tqdm
 
 from icd.data.shards import write_dataset
 from icd.data.sources import folder_samples, shapes_samples
-from icd.storage import S3Settings
+from icd.storage import S3Settings, filesystem_for
 
 EVAL_SEED_OFFSET = 1_500_000_000  # held-out shapes seeds
+
+
+def read_stats(uri: str, settings: S3Settings) -> dict | None:
+    """The ``_stats.json`` of a complete dataset (written last), or None."""
+    fs, root = filesystem_for(uri, settings)
+    try:
+        with fs.open_input_stream(f"{root}/_stats.json") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def main() -> None:
@@ -32,6 +42,7 @@ def main() -> None:
     parser.add_argument("--captions", help="with --from-dir: CSV with columns file, caption")
     parser.add_argument("--bucket", help="default: $ICD_BUCKET")
     parser.add_argument("--root", help="write under this URI or local dir instead of s3://<bucket>/datasets/")
+    parser.add_argument("--skip-existing", action="store_true", help="keep a split that is already complete")
     args = parser.parse_args()
 
     settings = S3Settings.from_env(bucket=args.bucket)
@@ -45,6 +56,9 @@ def main() -> None:
                            args.eval_count))
     for name, samples, total in splits:
         uri = f"{root}/{name}"
+        if args.skip_existing and (stats := read_stats(uri, settings)) is not None:
+            print(json.dumps({"dataset": uri, **stats, "skipped": True}))
+            continue
         with tqdm(total=total, desc=name, unit="img") as bar:
             stats = write_dataset(samples, uri, args.per_shard, settings, progress=bar)
         print(json.dumps({"dataset": uri, **stats}))
