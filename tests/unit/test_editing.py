@@ -1,0 +1,114 @@
+"""Editing modes: switch and Prompt-to-Prompt through attention processors."""
+
+import pytest
+import torch
+
+from icd.diffusion.boundaries import Boundaries
+from icd.editing.attention import ControlledAttnProcessor, attention_control
+from icd.editing.modes import edit
+from icd.editing.p2p import P2POptions, PromptToPromptController, token_mapping
+from icd.models.adapters import add_adapters
+from icd.models.toy import tiny_bundle
+
+BOUNDARIES = Boundaries((999, 779, 519, 259), (19, 259, 519, 779))
+SOURCES = ["a red circle on a blue background", "a green star on a white background",
+           "a black square on a yellow background", "a white triangle on a red background"]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    b = tiny_bundle(seed=5, guidance_dim=16)
+    add_adapters(b.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
+    with torch.no_grad():
+        for name, p in b.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return b
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_p2p_with_identical_prompts_equals_switch_reconstruction(bundle, n):
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(n)) * 2 - 1
+    prompts = SOURCES[:n]
+    switch = edit(bundle, prompts, prompts, BOUNDARIES, "switch", images=images, guidance=0.0,
+                  generator=torch.Generator().manual_seed(0))
+    p2p = edit(bundle, prompts, prompts, BOUNDARIES, "p2p", images=images, guidance=0.0,
+               generator=torch.Generator().manual_seed(0))
+    assert switch.nfe == p2p.nfe == 8
+    assert torch.allclose(switch.latents, p2p.latents, atol=1e-4)
+    assert p2p.images.shape == (n, 3, 32, 32)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_p2p_edits_differ_from_switch_and_from_each_other(bundle, n):
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    targets = [s.replace("background", "background at night") for s in SOURCES[:n]]
+    kwargs = dict(images=images, guidance=7.0, tau=0.8)
+    switch = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "switch", generator=torch.Generator().manual_seed(0), **kwargs)
+    p2p = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "p2p", generator=torch.Generator().manual_seed(0), **kwargs)
+    weighted = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "p2p", generator=torch.Generator().manual_seed(0),
+                    p2p=P2POptions(word_weights={"night": 3.0}), **kwargs)
+    assert not torch.allclose(switch.latents, p2p.latents, atol=1e-3)
+    assert not torch.allclose(p2p.latents, weighted.latents, atol=1e-3)
+
+
+def test_processors_are_restored_after_a_call_and_after_an_exception(bundle):
+    before = {name: type(p) for name, p in bundle.unet.attn_processors.items()}
+
+    def failing(probs, is_cross, layer):
+        raise RuntimeError("controller failed")
+
+    x = torch.randn(2, 4, 8, 8)
+    context = bundle.encode_prompts(SOURCES[:2])
+    with pytest.raises(RuntimeError, match="controller failed"):
+        with attention_control(bundle.unet, failing):
+            assert all(isinstance(p, ControlledAttnProcessor) for p in bundle.unet.attn_processors.values())
+            bundle.eps(x, 500, context)
+    assert {name: type(p) for name, p in bundle.unet.attn_processors.items()} == before
+    edit(bundle, SOURCES[:1], SOURCES[:1], BOUNDARIES, "p2p", images=torch.zeros(1, 3, 32, 32))
+    assert {name: type(p) for name, p in bundle.unet.attn_processors.items()} == before
+
+
+def test_identity_controller_reproduces_the_default_attention(bundle):
+    x = torch.randn(2, 4, 8, 8)
+    context = bundle.encode_prompts(SOURCES[:2])
+    reference = bundle.eps(x, 500, context)
+    with attention_control(bundle.unet, lambda probs, is_cross, layer: probs):
+        assert torch.allclose(bundle.eps(x, 500, context), reference, atol=1e-5)
+
+
+def test_token_mapping():
+    assert token_mapping([1, 5, 9, 2], [1, 6, 9, 2], "replace").tolist() == [0, 1, 2, 3]
+    assert token_mapping([1, 5, 9, 2], [1, 5, 7, 9, 2], "refine").tolist() == [0, 1, -1, 2, 3]
+    assert token_mapping([1, 5, 9, 2], [1, 5, 7, 9, 2], "auto").tolist() == [0, 1, -1, 2, 3]
+    with pytest.raises(ValueError, match="same number of tokens"):
+        token_mapping([1, 2], [1, 2, 3], "replace")
+    with pytest.raises(ValueError, match="cross_fraction"):
+        P2POptions(cross_fraction=1.5)
+
+
+def test_controller_against_a_direct_computation():
+    pairs, heads, queries, tokens = 2, 3, 5, 4
+    mappings = torch.tensor([[0, 1, 2, 3], [0, -1, 1, 2]])
+    weights = torch.tensor([[1.0, 2.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5]])
+    controller = PromptToPromptController(P2POptions(cross_fraction=0.3, self_fraction=0.6), 4, mappings, weights)
+    assert (controller.cross_steps, controller.self_steps) == (1, 2)  # 4 steps: step 0; steps 0-1
+    probs = torch.rand(2 * pairs * heads, queries, tokens)
+    view = probs.view(2, pairs, heads, queries, tokens)
+    controller.step = 0
+    out = controller(probs.clone(), True, "x").view(2, pairs, heads, queries, tokens)
+    assert torch.equal(out[0], view[0])  # source rows untouched
+    for p in range(pairs):
+        for j in range(tokens):
+            m = mappings[p, j].item()
+            expected = (view[0, p, :, :, m] if m >= 0 else view[1, p, :, :, j]) * weights[p, j]
+            assert torch.allclose(out[1, p, :, :, j], expected)
+    controller.step = 3  # past both windows: only the re-weighting remains
+    out = controller(probs.clone(), True, "x").view(2, pairs, heads, queries, tokens)
+    assert torch.allclose(out[1], view[1] * weights[:, None, None, :])
+    assert torch.equal(controller(probs.clone(), False, "x"), probs)  # self-attention no longer injected
+    controller.step = 1  # inside the self-attention window, past the cross-attention one
+    out = controller(probs.clone(), False, "x").view(2, pairs, heads, queries, tokens)
+    assert torch.equal(out[1], view[0])
+    out = controller(probs.clone(), True, "x").view(2, pairs, heads, queries, tokens)
+    assert torch.allclose(out[1], view[1] * weights[:, None, None, :])
