@@ -112,3 +112,49 @@ def test_controller_against_a_direct_computation():
     assert torch.equal(out[1], view[0])
     out = controller(probs.clone(), True, "x").view(2, pairs, heads, queries, tokens)
     assert torch.allclose(out[1], view[1] * weights[:, None, None, :])
+
+
+# --- guide-and-rescale --------------------------------------------------------------------
+
+def test_rescale_guidance_bounds_the_norm_per_sample():
+    from icd.editing.guided import rescale_guidance
+
+    g = torch.stack([torch.full((4, 2, 2), 10.0), torch.full((4, 2, 2), 0.01)])
+    d = torch.ones(2, 4, 2, 2)  # |d| = 4 for each sample
+    out = rescale_guidance(g, d, (0.0, 1.0))
+    norms = out.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.tensor([4.0, 0.04]), atol=1e-5)  # capped at |d|; small ones kept
+    out = rescale_guidance(g, d, (0.33, 3.0))
+    assert torch.allclose(out.flatten(1).norm(dim=1), torch.tensor([12.0, 1.32]), atol=1e-4)
+    assert torch.allclose(out[0] / out[0].norm(), g[0] / g[0].norm())  # direction unchanged
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_guided_with_zero_weights_equals_switch(bundle, n):
+    from icd.editing.guided import GuidedOptions
+
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    targets = [s.replace("background", "background at night") for s in SOURCES[:n]]
+    zero = GuidedOptions(feature_weights=(0, 0, 0, 0), self_attention_weights=(0, 0, 0, 0))
+    switch = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "switch", images=images, guidance=[0, 7, 11, 19],
+                  generator=torch.Generator().manual_seed(0))
+    guided = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "guided", images=images, guidance=[0, 7, 11, 19],
+                  generator=torch.Generator().manual_seed(0), guided=zero)
+    assert guided.nfe == switch.nfe == 8
+    assert torch.allclose(guided.latents, switch.latents, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_guided_steers_and_costs_three_passes_per_guided_step(bundle, n):
+    images = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    targets = [s.replace("background", "background at night") for s in SOURCES[:n]]
+    before = {name: type(p) for name, p in bundle.unet.attn_processors.items()}
+    switch = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "switch", images=images, guidance=[0, 7, 11, 19],
+                  generator=torch.Generator().manual_seed(0))
+    guided = edit(bundle, SOURCES[:n], targets, BOUNDARIES, "guided", images=images, guidance=[0, 7, 11, 19],
+                  generator=torch.Generator().manual_seed(0))
+    assert guided.nfe == 4 + 3 * 4 and guided.images.shape == (n, 3, 32, 32)
+    assert not torch.allclose(guided.latents, switch.latents, atol=1e-4)
+    assert {name: type(p) for name, p in bundle.unet.attn_processors.items()} == before
+    # The energy's gradient is taken with respect to the latent only: no weight gradients pile up.
+    assert all(p.grad is None for p in bundle.unet.parameters())

@@ -120,7 +120,7 @@ def ddim_invert_latents(bundle: ModelBundle, x0: torch.Tensor, context: torch.Te
 
 # --- image / prompt level -----------------------------------------------------------------
 
-def _latents_from(bundle: ModelBundle, images: torch.Tensor | None, latents: torch.Tensor | None) -> torch.Tensor:
+def latents_from(bundle: ModelBundle, images: torch.Tensor | None, latents: torch.Tensor | None) -> torch.Tensor:
     if (images is None) == (latents is None):
         raise ValueError("pass exactly one of images or latents")
     return latents.to(bundle.device, bundle.dtype) if latents is not None else bundle.encode_images(images)
@@ -146,7 +146,7 @@ def generate(bundle: ModelBundle, prompts: list[str], boundaries: Boundaries, gu
 def invert(bundle: ModelBundle, prompts: list[str], boundaries: Boundaries, images: torch.Tensor | None = None,
            latents: torch.Tensor | None = None, generator: torch.Generator | None = None) -> SampleOutput:
     """Image (or clean latent) to noise latent at 999 with the forward consistency model."""
-    x0 = _latents_from(bundle, images, latents)
+    x0 = latents_from(bundle, images, latents)
     return consistency_encode(bundle, x0, bundle.encode_prompts(prompts), boundaries, generator)
 
 
@@ -166,7 +166,7 @@ def edit(bundle: ModelBundle, source_prompts: list[str], target_prompts: list[st
     """Invert with the source prompt (w = 0), decode with the target prompt and dynamic CFG."""
     if len(source_prompts) != len(target_prompts):
         raise ValueError(f"{len(source_prompts)} source prompts but {len(target_prompts)} target prompts")
-    x0 = _latents_from(bundle, images, latents)
+    x0 = latents_from(bundle, images, latents)
     contexts = bundle.encode_prompts(list(source_prompts) + list(target_prompts))
     source, target = contexts[: len(x0)], contexts[len(x0):]
     inverted = consistency_encode(bundle, x0, source, boundaries, generator)
@@ -182,7 +182,7 @@ def ddim_reconstruct(bundle: ModelBundle, prompts: list[str], num_steps: int = 5
                      images: torch.Tensor | None = None, latents: torch.Tensor | None = None,
                      decode: bool = True) -> SampleOutput:
     """The baseline: DDIM-N inversion then DDIM-N generation with the teacher, unguided."""
-    x0 = _latents_from(bundle, images, latents)
+    x0 = latents_from(bundle, images, latents)
     context = bundle.encode_prompts(prompts)
     inverted = ddim_invert_latents(bundle, x0, context, num_steps)
     decoded = ddim_sample(bundle, inverted.latents, context, num_steps)
