@@ -116,6 +116,19 @@ class MethodConfig(_Section):
         return self
 
 
+class EditingConfig(_Section):
+    """Defaults of an edit (a request may override them)."""
+
+    mode: Literal["switch", "p2p", "guided"] = "switch"
+    guidance: float = Field(7.0, ge=0, description="code w of the target decode (classical CFG w + 1)")
+    tau: float = Field(0.8, ge=0, le=1, description="dynamic CFG: unguided while t/1000 > tau")
+    p2p_cross_fraction: float = Field(0.3, ge=0, le=1)
+    p2p_self_fraction: float = Field(0.6, ge=0, le=1)
+    guided_feature_weights: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5, 0.5])
+    guided_self_attention_weights: list[float] = Field(default_factory=lambda: [0.0, 20000.0, 20000.0, 20000.0])
+    guided_bounds: tuple[float, float] = (0.0, 1.0)
+
+
 class StageConfig(_Section):
     """Optimisation settings of one training stage."""
 
@@ -167,6 +180,7 @@ class Config(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    editing: EditingConfig = Field(default_factory=EditingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

@@ -158,3 +158,15 @@ def test_guided_steers_and_costs_three_passes_per_guided_step(bundle, n):
     assert {name: type(p) for name, p in bundle.unet.attn_processors.items()} == before
     # The energy's gradient is taken with respect to the latent only: no weight gradients pile up.
     assert all(p.grad is None for p in bundle.unet.parameters())
+
+
+def test_options_from_the_config():
+    from icd.config import load_config
+    from icd.editing.guided import GuidedOptions
+
+    editing = load_config("jobs/configs/sd15.yaml", ["editing.p2p_cross_fraction=0.5"]).editing
+    assert P2POptions.from_config(editing).cross_fraction == 0.5
+    guided = GuidedOptions.from_config(editing)
+    assert guided.self_attention_weights == (0.0, 20000.0, 20000.0, 20000.0) and guided.bounds == (0.0, 1.0)
+    with pytest.raises(ValueError, match="3 values for 4 reverse steps"):
+        GuidedOptions(feature_weights=(1, 1, 1)).check(4)

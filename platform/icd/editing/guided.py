@@ -31,6 +31,11 @@ class GuidedOptions:
     bounds: tuple[float, float] = (0.0, 1.0)  # |g'| within [lo, hi] x |eps_trg - eps_inv|
     feature_layer: str = "up_blocks.1.resnets.1"
 
+    @classmethod
+    def from_config(cls, editing) -> "GuidedOptions":
+        return cls(tuple(editing.guided_feature_weights), tuple(editing.guided_self_attention_weights),
+                   tuple(editing.guided_bounds))
+
     def check(self, steps: int) -> None:
         for name in ("feature_weights", "self_attention_weights"):
             if len(getattr(self, name)) != steps:

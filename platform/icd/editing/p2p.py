@@ -27,6 +27,10 @@ class P2POptions:
     mapping: str = "auto"
     word_weights: dict[str, float] = field(default_factory=dict)  # target word -> attention factor
 
+    @classmethod
+    def from_config(cls, editing) -> "P2POptions":
+        return cls(cross_fraction=editing.p2p_cross_fraction, self_fraction=editing.p2p_self_fraction)
+
     def __post_init__(self):
         for name in ("cross_fraction", "self_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
