@@ -15,7 +15,8 @@ Progress and a quick caption-accuracy probe go to stdout; the full measurement i
 ``benchmarks/toy_base_quality.py``.
 
 ``--finetune-decoder-steps N`` instead refines the VAE *decoder* of an existing model in
-``--out`` (the encoder, hence every latent the UNet was trained on, stays unchanged).
+``--out`` (the encoder, hence every latent the UNet was trained on, stays unchanged), and
+``--resume`` continues the UNet and text encoder of ``--out`` for another time budget.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--probe-every", type=int, default=500)
     parser.add_argument("--finetune-decoder-steps", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue training the UNet and text encoder in --out")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -195,11 +197,22 @@ def main() -> None:
         log(f"saved the fine-tuned decoder to {args.out / 'vae'} (scaling factor {scaling:.4f} kept)")
         return
 
-    vae = train_vae(args, log)
-    latents, captions = encode_training_set(vae, args.train_images)
-    scaling = float(1.0 / latents.std())
+    if args.resume:
+        # Continue the UNet and text encoder of the model in --out (its VAE and scaling kept).
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        load = dict(torch_dtype=torch.float32, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(args.out / "vae", **load).eval().requires_grad_(False)
+        latents, captions = encode_training_set(vae, args.train_images)
+        scaling = float(vae.config.scaling_factor)
+        log(f"resuming from {args.out}; latent scaling factor {scaling:.4f} kept")
+    else:
+        vae = train_vae(args, log)
+        latents, captions = encode_training_set(vae, args.train_images)
+        scaling = float(1.0 / latents.std())
+        log(f"encoded {len(latents)} training images; latent scaling factor {scaling:.4f}")
     latents = latents * scaling
-    log(f"encoded {len(latents)} training images; latent scaling factor {scaling:.4f}")
 
     tokenizer = offline_clip_tokenizer()
     unique = sorted(set(captions)) + [""]
@@ -207,7 +220,13 @@ def main() -> None:
     caption_index = torch.tensor([unique.index(c) for c in captions])
     empty_index = len(unique) - 1
 
-    unet, text_encoder = toy_unet(), toy_text_encoder()
+    if args.resume:
+        unet = UNet2DConditionModel.from_pretrained(args.out / "unet", **load)
+        text_encoder = CLIPTextModel.from_pretrained(args.out / "text_encoder", **load)
+    else:
+        unet, text_encoder = toy_unet(), toy_text_encoder()
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = EMAModel(params, decay=args.ema_decay, use_ema_warmup=True, power=0.75)
