@@ -78,7 +78,7 @@ def main() -> None:
     print(f"plain loop: {n_plain} images in {plain_s:.1f}s", flush=True)
 
     cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, object_store_memory=512 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, object_store_memory=1024 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
     start = time.time()
     ds = preprocess(read_raw(uri), options, actors=cpus, cpus_per_actor=(cpus - 0.5) / cpus,
                     batch_size=args.batch_size)

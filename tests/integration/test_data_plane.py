@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from icd.data.latent_cache import build_latent_cache, cache_uri, model_hash, read_latent_cache
-from icd.data.preprocess import SampleFilter
+from icd.data.preprocess import SampleFilter, to_model_range
 from icd.data.reader import PreprocessOptions, counts, preprocess, read_laion_parquet, read_raw
 from icd.data.feeding import epoch_batches
 from icd.data.shards import ShardSample, write_dataset
@@ -59,9 +59,9 @@ def test_shard_round_trip_through_s3(stack_env, ray_local):
         expected = random_sample(seed)
         row = rows[f"{seed:09d}"]
         assert row["caption"] == expected.caption
-        pixels = np.rint((row["pixel_values"].transpose(1, 2, 0) + 1) * 127.5).astype(np.uint8)
-        assert np.array_equal(pixels, expected.image)  # PNG is lossless: the exact pixels come back
-    mean = np.mean([r["pixel_values"].mean() for r in rows.values()])
+        # PNG is lossless: the exact pixels come back.
+        assert np.array_equal(row["pixels"].transpose(1, 2, 0), expected.image)
+    mean = np.mean([to_model_range(r["pixels"]).mean() for r in rows.values()])
     expected_mean = np.mean([random_sample(s).image.astype(np.float32).mean() / 127.5 - 1 for s in range(10, 310)])
     assert mean == pytest.approx(expected_mean, abs=1e-5)
     # The parquet beside each tar holds the same metadata.
@@ -127,10 +127,12 @@ def test_poisoned_shard_yields_every_good_sample_and_counts_the_bad(stack_env, r
     assert got.pop("ok") == n_good + 1
     # The truncated tar gives its complete sample, then one truncated_tar record.
     assert got == {**expected_bad, "truncated_tar": 1}
-    # Converted images really are RGB in [-1, 1]; the alpha one was composited on white.
-    assert rows["gray"]["pixel_values"].shape == (3, 32, 32)
-    assert np.allclose(rows["gray"]["pixel_values"][0], rows["gray"]["pixel_values"][2])
-    assert rows["alpha"]["pixel_values"].max() <= 1.0 and rows["sixteen"]["pixel_values"].min() >= -1.0
+    # Converted images really are RGB; the half-transparent one was composited on white.
+    assert rows["gray"]["pixels"].shape == (3, 32, 32) and rows["gray"]["pixels"].dtype == np.uint8
+    assert np.array_equal(rows["gray"]["pixels"][0], rows["gray"]["pixels"][2])
+    a = 128 / 255
+    expected_alpha = random_sample(99).image.astype(np.float64) * a + 255 * (1 - a)
+    assert np.abs(rows["alpha"]["pixels"].transpose(1, 2, 0) - expected_alpha).max() <= 1.0
 
 
 def test_filters_keep_and_drop_what_they_should(stack_env, ray_local):
@@ -152,7 +154,7 @@ def test_filters_keep_and_drop_what_they_should(stack_env, ray_local):
     assert set(rows) == {"keep", "keep_unscored"}
     assert counts("filters") == {"ok": 2, "low_similarity": 1, "watermark": 1, "too_small": 1, "aspect_ratio": 1,
                                  "missing_caption": 1}
-    assert rows["keep"]["pixel_values"].shape == (3, 32, 32)  # 40x32 resized and centre-cropped
+    assert rows["keep"]["pixels"].shape == (3, 32, 32)  # 40x32 resized and centre-cropped
 
 
 def test_laion_parquet_with_image_bytes(stack_env, ray_local):
@@ -167,7 +169,7 @@ def test_laion_parquet_with_image_bytes(stack_env, ray_local):
     rows = _collect(preprocess(read_laion_parquet(f"s3://{stack_env.bucket}/datasets/test-laion-parquet"),
                                PreprocessOptions(resolution=16, counter_name="laion")))
     assert sorted(rows) == [f"k{i}" for i in range(5)] and rows["k3"]["caption"] == random_sample(3).caption
-    assert rows["k0"]["pixel_values"].shape == (3, 16, 16)
+    assert rows["k0"]["pixels"].shape == (3, 16, 16)
 
 
 def test_latent_cache_equals_direct_encoding(stack_env, ray_local, tmp_path):

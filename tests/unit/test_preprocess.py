@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_model_range, to_rgb
+from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_chw, to_model_range, to_rgb
 from icd.data.shards import ShardSample, iter_tar_samples, write_shard
 
 
@@ -68,8 +68,12 @@ def test_resize_short_side_and_crop():
     assert np.array_equal(a, b)
     square = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
     assert np.array_equal(resize_and_crop(square, 32), np.asarray(square))  # no-op when already the size
-    x = to_model_range(np.array([[[0, 255, 127]]], np.uint8))
-    assert x.shape == (3, 1, 1) and x[0, 0, 0] == -1.0 and x[1, 0, 0] == 1.0
+    chw = to_chw(np.array([[[0, 255, 127]]], np.uint8))
+    assert chw.shape == (3, 1, 1) and chw.dtype == np.uint8
+    x = to_model_range(chw)
+    assert x[0, 0, 0] == -1.0 and x[1, 0, 0] == 1.0
+    import torch
+    assert torch.equal(to_model_range(torch.from_numpy(chw)), torch.from_numpy(x))
 
 
 def test_shard_write_then_parse_with_duplicate_keys():

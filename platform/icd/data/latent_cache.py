@@ -16,6 +16,7 @@ import numpy as np
 import ray
 import torch
 
+from icd.data.preprocess import to_model_range
 from icd.data.reader import PreprocessOptions, counts, preprocess, read_raw
 from icd.storage import S3Settings, filesystem_for
 
@@ -49,7 +50,7 @@ class LatentEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"]))
+        pixels = to_model_range(torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
         ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.bundle.device)
         latents = self.bundle.encode_images(pixels).float().cpu().numpy()
         hidden = self.bundle.text_encoder(ids).last_hidden_state.float().cpu().numpy()

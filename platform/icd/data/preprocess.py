@@ -1,5 +1,9 @@
 """From raw sample bytes to a training example: filter, decode, convert to RGB, resize, crop.
 
+Pixels travel as uint8 (3, H, W) and become [-1, 1] floats where the model consumes them
+(`to_model_range`): a float32 512-px image is 3 MiB, four times the uint8 one, and that
+difference decides the throughput of the object store.
+
 Each function either returns a value or raises `BadSample` with a short reason; the reason
 becomes the name of a counter ("corrupt_image", "too_small", ...). Images that can be
 converted sensibly (grayscale, CMYK, alpha, palette, 16-bit) are converted, not dropped.
@@ -116,6 +120,11 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
     return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
 
 
-def to_model_range(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, W) in [-1, 1]."""
-    return (pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+def to_chw(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (3, H, W): what the pipeline ships (4x less than float32)."""
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def to_model_range(pixels):
+    """uint8 pixels (numpy or torch, any layout) -> float32 in [-1, 1], where the model needs them."""
+    return pixels.astype(np.float32) / 127.5 - 1.0 if isinstance(pixels, np.ndarray) else pixels.float() / 127.5 - 1.0

@@ -1,7 +1,8 @@
 """Ray Data pipelines from LAION-format shards (or LAION-style parquet) in S3 to training examples.
 
     rows = read_raw(uri)                    # key, image bytes, caption, metadata (tolerant tar reading)
-    ds = preprocess(rows, options)          # filter -> decode -> RGB -> resize + crop -> [-1, 1] -> tokens
+    ds = preprocess(rows, options)          # filter -> decode -> RGB -> resize + crop -> tokens
+    # columns: key, caption, pixels (uint8, 3 x H x W; to_model_range gives [-1, 1]), input_ids
 
 Bad samples never stop a run: each is skipped and counted by reason in a named
 `BadSampleCounter` actor, which the job logs (``counts()``).
@@ -18,7 +19,7 @@ import numpy as np
 import ray
 from pyarrow import fs as pafs
 
-from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_model_range
+from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_chw
 from icd.data.shards import iter_tar_samples
 from icd.storage import S3Settings, filesystem_for
 
@@ -139,7 +140,7 @@ class Preprocessor:
         self.counter = counter(options.counter_name) if options.counter_name else None
 
     def example(self, key: str, image: bytes | None, caption: str | None, meta: dict) -> np.ndarray:
-        """One sample to pixels in [-1, 1], or raise `BadSample`."""
+        """One sample to uint8 (3, H, W) pixels, or raise `BadSample`."""
         if meta.get("_status"):
             raise BadSample(meta["_status"])
         opts = self.options
@@ -148,7 +149,7 @@ class Preprocessor:
         opts.sample_filter.check_size(*rgb.size)
         # The crop of a given key is the same on every run and worker.
         rng = np.random.default_rng([opts.seed, zlib.crc32(key.encode())]) if opts.crop == "random" else None
-        return to_model_range(resize_and_crop(rgb, opts.resolution, opts.crop, rng))
+        return to_chw(resize_and_crop(rgb, opts.resolution, opts.crop, rng))
 
     def __call__(self, batch: dict) -> dict:
         keys, pixels, captions, bad = [], [], [], Counter()
@@ -168,7 +169,7 @@ class Preprocessor:
                               truncation=True, return_tensors="np").input_ids if captions
                else np.zeros((0, self.tokenizer.model_max_length), dtype=np.int64))
         return {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object),
-                "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, resolution, resolution), np.float32),
+                "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, resolution, resolution), np.uint8),
                 "input_ids": ids.astype(np.int64)}
 
 
