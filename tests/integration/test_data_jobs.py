@@ -20,7 +20,8 @@ def _last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
-def test_make_shards_then_encode_latents_as_a_ray_job(stack):
+def test_make_shards_then_encode_latents_as_a_ray_job(stack_env):
+    stack = stack_env
     env = {**os.environ, **stack.client_env()}
     made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "test-job-shapes", "--count", "120",
                            "--per-shard", "50", "--eval-count", "20"], env=env, cwd=REPO,
