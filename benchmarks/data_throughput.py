@@ -95,10 +95,9 @@ def main() -> None:
 
 def dataset_complete(uri: str) -> bool:
     """Whether a complete copy of the dataset (its _stats.json is written last) is already there."""
-    from icd.storage import filesystem_for
+    from icd.storage import read_json
 
-    fs, root = filesystem_for(uri)
-    return fs.get_file_info(f"{root}/_stats.json").size is not None
+    return read_json(f"{uri}/_stats.json") is not None
 
 
 if __name__ == "__main__":

@@ -16,19 +16,9 @@ from tqdm import tqdm
 
 from icd.data.shards import write_dataset
 from icd.data.sources import folder_samples, shapes_samples
-from icd.storage import S3Settings, filesystem_for
+from icd.storage import S3Settings, read_json
 
 EVAL_SEED_OFFSET = 1_500_000_000  # held-out shapes seeds
-
-
-def read_stats(uri: str, settings: S3Settings) -> dict | None:
-    """The ``_stats.json`` of a complete dataset (written last), or None."""
-    fs, root = filesystem_for(uri, settings)
-    try:
-        with fs.open_input_stream(f"{root}/_stats.json") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
 
 
 def main() -> None:
@@ -56,7 +46,7 @@ def main() -> None:
                            args.eval_count))
     for name, samples, total in splits:
         uri = f"{root}/{name}"
-        if args.skip_existing and (stats := read_stats(uri, settings)) is not None:
+        if args.skip_existing and (stats := read_json(f"{uri}/_stats.json", settings)) is not None:
             print(json.dumps({"dataset": uri, **stats, "skipped": True}))
             continue
         with tqdm(total=total, desc=name, unit="img") as bar:

@@ -133,6 +133,18 @@ def filesystem_for(path: str, settings: S3Settings | None = None) -> tuple[pafs.
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def read_json(uri: str, settings: S3Settings | None = None) -> dict | None:
+    """A small JSON file (local or s3://), or None if it does not exist; used for completion markers."""
+    import json
+
+    fs, path = filesystem_for(uri, settings)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def check_access(settings: S3Settings | None = None) -> None:
     """Fail with a readable `StorageError` unless the endpoint accepts the credentials and the bucket exists."""
     from botocore.exceptions import ClientError, EndpointConnectionError

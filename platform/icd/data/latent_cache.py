@@ -18,7 +18,7 @@ import torch
 
 from icd.data.preprocess import to_model_range
 from icd.data.reader import PreprocessOptions, counts, preprocess, read_raw
-from icd.storage import S3Settings, filesystem_for
+from icd.storage import S3Settings, filesystem_for, read_json
 
 MANIFEST = "_manifest.json"
 
@@ -64,12 +64,8 @@ def cache_uri(dataset: str, digest: str, settings: S3Settings | None = None) -> 
 
 
 def read_manifest(uri: str, settings: S3Settings | None = None) -> dict | None:
-    fs, root = filesystem_for(uri, settings)
-    try:
-        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, OSError):
-        return None
+    """The manifest of a complete cache, or None."""
+    return read_json(f"{uri.rstrip('/')}/{MANIFEST}", settings)
 
 
 def build_latent_cache(dataset_uri: str, out_uri: str, base: str, options: PreprocessOptions,
