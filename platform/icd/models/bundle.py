@@ -66,18 +66,18 @@ class ModelBundle:
             raise KeyError(f"adapter {name!r} not on the UNet; it has {self.adapters}")
         previous = self._active_adapter()
         try:
-            if name is None:
-                self.unet.disable_adapters()
-            else:
-                self.unet.enable_adapters()
-                self.unet.set_adapter(name)
+            self._activate(name)
             yield
         finally:
-            if previous is None:
-                self.unet.disable_adapters()
-            else:
-                self.unet.enable_adapters()
-                self.unet.set_adapter(previous)
+            self._activate(previous)
+
+    def _activate(self, name: str | None) -> None:
+        """Make adapter ``name`` the only active one, or disable all adapters for None."""
+        if name is None:
+            self.unet.disable_adapters()
+        else:
+            self.unet.enable_adapters()
+            self.unet.set_adapter(name)
 
     def _active_adapter(self) -> str | None:
         from peft.tuners.tuners_utils import BaseTunerLayer
