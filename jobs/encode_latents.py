@@ -15,9 +15,7 @@ import json
 import ray
 
 from icd.config import load_config
-from icd.data.latent_cache import build_latent_cache, cache_uri, model_hash
-from icd.data.reader import PreprocessOptions
-from icd.storage import S3Settings
+from icd.data.latent_cache import ensure_latent_cache
 
 
 def main() -> None:
@@ -29,17 +27,8 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_config(args.config, args.set)
-    settings = S3Settings.from_config(config.storage)
-    dataset = args.dataset or config.data.dataset
-    source = config.data.shards_uri if (config.data.shards_uri and not args.dataset) else settings.uri(f"datasets/{dataset}")
     ray.init()
-    options = PreprocessOptions.from_config(config, counter_name=f"encode-{dataset}")
-    if options.crop == "random":  # the cache holds one fixed crop per image
-        options = PreprocessOptions(options.resolution, "center", options.sample_filter, options.seed, options.counter_name)
-    out = cache_uri(dataset, model_hash(config.model.base, config.model.revision, options), settings)
-    manifest = build_latent_cache(source, out, config.model.base, options, config.model.revision,
-                                  actors=args.actors, use_gpu=config.scaling.use_gpu, settings=settings)
-    print(json.dumps({"cache": out, **manifest}))
+    print(json.dumps(ensure_latent_cache(config, args.dataset, actors=args.actors)))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,40 @@ def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.
         raise FileNotFoundError(f"{uri} is not a complete latent cache (no {MANIFEST}); build it first")
     fs, root = filesystem_for(uri, settings)
     return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])
+
+
+def dataset_uri(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:
+    """Where a dataset's shards live: ``data.shards_uri`` for the training set, else s3://<bucket>/datasets/<name>."""
+    settings = settings or S3Settings.from_config(config.storage)
+    if dataset is None and config.data.shards_uri:
+        return config.data.shards_uri
+    return settings.uri(f"datasets/{dataset or config.data.dataset}")
+
+
+def cache_options(config, dataset: str) -> PreprocessOptions:
+    """The preprocessing the cache applies: the config's, with the centre crop (one fixed crop per image)."""
+    options = PreprocessOptions.from_config(config, counter_name=f"encode-{dataset}")
+    if options.crop == "random":
+        options = PreprocessOptions(options.resolution, "center", options.sample_filter, options.seed,
+                                    options.counter_name)
+    return options
+
+
+def cache_location(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:
+    """The latent cache URI for a dataset under the config's model and preprocessing."""
+    dataset = dataset or config.data.dataset
+    options = cache_options(config, dataset)
+    return cache_uri(dataset, model_hash(config.model.base, config.model.revision, options),
+                     settings or S3Settings.from_config(config.storage))
+
+
+def ensure_latent_cache(config, dataset: str | None = None, actors: int = 1,
+                        settings: S3Settings | None = None) -> dict:
+    """Build the dataset's latent cache unless a complete one exists; returns its manifest with ``cache``."""
+    settings = settings or S3Settings.from_config(config.storage)
+    name = dataset or config.data.dataset
+    out = cache_location(config, dataset, settings)
+    manifest = build_latent_cache(dataset_uri(config, dataset, settings), out, config.model.base,
+                                  cache_options(config, name), config.model.revision, actors=actors,
+                                  use_gpu=config.scaling.use_gpu, settings=settings)
+    return {"cache": out, **manifest}

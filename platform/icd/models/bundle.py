@@ -72,12 +72,19 @@ class ModelBundle:
             self._activate(previous)
 
     def _activate(self, name: str | None) -> None:
-        """Make adapter ``name`` the only active one, or disable all adapters for None."""
+        """Make adapter ``name`` the only active one, or disable all adapters for None.
+
+        PEFT's switch also flips ``requires_grad`` (active adapter trainable, others frozen);
+        training decides what is trainable once, so that state is put back afterwards.
+        """
+        trainable = [(p, p.requires_grad) for n, p in self.unet.named_parameters() if "lora_" in n]
         if name is None:
             self.unet.disable_adapters()
         else:
             self.unet.enable_adapters()
             self.unet.set_adapter(name)
+        for param, flag in trainable:
+            param.requires_grad_(flag)
 
     def _active_adapter(self) -> str | None:
         from peft.tuners.tuners_utils import BaseTunerLayer

@@ -1,0 +1,1 @@
+"""Training: one Ray Train loop per stage, checkpoints, MLflow tracking."""

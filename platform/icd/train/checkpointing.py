@@ -1,0 +1,51 @@
+"""A training checkpoint: the trainable weights, the optimizer, and where the loop stood.
+
+One directory, reported to Ray Train (which copies it to ``RunConfig.storage_path``):
+
+    trainable.safetensors   the parameters that train (LoRA weights, w-embedding, or the whole UNet)
+    optimizer.pt            AdamW state (tensors only; loaded with ``weights_only=True``)
+    state.json              step, epoch, the steps it resumed from, the MLflow run id
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+
+
+def save_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    state: TrainState) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({name: p.detach().to("cpu").contiguous() for name, p in trainable.items()},
+              str(directory / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    (directory / "state.json").write_text(json.dumps(asdict(state)))
+    return directory
+
+
+def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights and optimizer in place; the checkpoint must hold exactly the trainable parameters."""
+    directory = Path(directory)
+    weights = load_file(str(directory / "trainable.safetensors"))
+    missing, unexpected = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (was it written by another stage or config?)")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    return TrainState(**json.loads((directory / "state.json").read_text()))

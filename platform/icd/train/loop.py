@@ -1,0 +1,167 @@
+"""``train_loop_per_worker`` of every stage: the Ray Train loop, top to bottom.
+
+build the stage's model -> restore the latest checkpoint if Ray Train hands one over ->
+wrap the objective in DDP -> for each batch of this worker's data shard: loss, backward,
+clip, step -> every N steps: metrics and image grids to MLflow (rank 0), a checkpoint to
+storage -> at the end rank 0 exports the artifacts to the stage's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from icd.config import Config
+from icd.data.feeding import epoch_batches
+from icd.diffusion.boundaries import Boundaries
+from icd.storage import S3Settings
+from icd.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from icd.train.stages import build_stage_model, export_stage
+
+NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids"]}
+
+
+def per_worker_batch(global_batch_size: int, world_size: int) -> int:
+    if global_batch_size % world_size:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by num_workers {world_size}")
+    return global_batch_size // world_size
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The draws of one step on one rank: different per rank, identical after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + rank * 7919 + step)
+
+
+def autocast_for(config: Config, device: torch.device):
+    """bf16/fp16 autocast on GPU when the config asks for it; a no-op on CPU."""
+    if device.type != "cuda" or config.model.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if config.model.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _failure_drill(drill: dict | None, rank: int, step: int) -> None:
+    """Kill this worker process once at a given step (tests and operators rehearsing a worker loss)."""
+    if not drill or drill["rank"] != rank or drill["step"] != step:
+        return
+    marker = Path(drill["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = Config.model_validate(loop_config["config"])
+    stage = loop_config["stage"]
+    settings = S3Settings.from_config(config.storage)  # credentials from the worker's environment
+    stage_config = getattr(config.train, stage)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    batch_size = per_worker_batch(stage_config.global_batch_size, world)
+
+    torch.manual_seed(config.seed)  # the same fresh adapters on every rank
+    model = build_stage_model(stage, config, loop_config.get("input_manifest"), device, settings)
+    trainable = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(trainable.values(), lr=stage_config.lr, weight_decay=stage_config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.model.mixed_precision == "fp16")
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(Path(directory), trainable, optimizer)
+        state.resumed_from.append(state.step)
+    objective = ray.train.torch.prepare_model(model.objective)  # DDP (gloo on CPU, nccl on GPU) when world > 1
+
+    logger = None
+    if rank == 0 and loop_config.get("mlflow"):
+        from icd.train.tracking import MetricsLogger
+
+        logger = MetricsLogger(**loop_config["mlflow"])
+        if state.resumed_from:
+            logger.log_metrics({"resumed_from_step": state.step}, state.step)
+    shard = ray.train.get_dataset_shard("train")
+    boundaries = Boundaries.from_config(config.method)
+    window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+
+    while state.step < stage_config.steps:
+        batches = iter(epoch_batches(shard, state.epoch, batch_size, config.data.shuffle_seed, device=str(device)))
+        seen = 0
+        while state.step < stage_config.steps:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            window["wait"] += time.perf_counter() - waited
+            if batch is None:
+                break
+            seen += 1
+            latents, hidden = model.encode_batch(batch)
+            with autocast_for(config, device):
+                out = objective(latents, hidden, step_generator(config.seed, rank, state.step))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage_config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            state.step += 1
+            window["steps"] += 1
+            _failure_drill(loop_config.get("failure_drill"), rank, state.step)
+
+            if logger and (state.step % stage_config.log_every == 0 or state.step == stage_config.steps):
+                elapsed = time.perf_counter() - window["start"]
+                logger.log_metrics({**{k: float(v) for k, v in out.items()}, "grad_norm": float(grad_norm),
+                                    "samples_per_s": window["steps"] * batch_size * world / elapsed,
+                                    "data_wait_fraction": window["wait"] / elapsed, "epoch": state.epoch},
+                                   state.step)
+                window.update(start=time.perf_counter(), wait=0.0, steps=0)
+            if logger and loop_config.get("preview") and state.step % stage_config.images_every == 0:
+                _log_preview(logger, model, config, boundaries, loop_config["preview"], state.step)
+            if state.step % stage_config.checkpoint_every == 0 or state.step == stage_config.steps:
+                _report(state, out, rank, trainable, optimizer)
+        if seen == 0:
+            raise RuntimeError(f"worker {rank} got no batch of {batch_size} in epoch {state.epoch}: "
+                               f"the dataset is smaller than global_batch_size={stage_config.global_batch_size}")
+        if state.step < stage_config.steps:
+            state.epoch += 1
+
+    if rank == 0:
+        export_stage(model, loop_config["output_uri"], settings)
+
+
+def _report(state: TrainState, out: dict, rank: int, trainable, optimizer) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    metrics = {"step": state.step, "epoch": state.epoch, "loss": float(out["loss"]),
+               "resumed_from": list(state.resumed_from)}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="icd-ckpt-") as directory:
+        save_checkpoint(Path(directory), trainable, optimizer, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"step-{state.step:07d}")
+
+
+def _log_preview(logger, model, config: Config, boundaries: Boundaries, preview: dict, step: int) -> None:
+    from icd.train.objectives import GUIDANCE_ADAPTER
+    from icd.train.previews import preview_grid
+
+    columns = {k: torch.as_tensor(v) for k, v in preview.items() if k != "captions"}
+    latents, _ = model.encode_batch(columns)
+    adapter = GUIDANCE_ADAPTER if GUIDANCE_ADAPTER in model.bundle.adapters else None
+    model.bundle.unet.eval()
+    try:
+        grid = preview_grid(model.stage, model.bundle, boundaries, latents, preview["captions"],
+                            config.editing.guidance, config.editing.tau, seed=config.seed, guidance_adapter=adapter)
+    finally:
+        model.bundle.unet.train()
+    logger.log_image(grid, key="preview", step=step)

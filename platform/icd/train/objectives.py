@@ -1,0 +1,250 @@
+"""What each stage minimises: the loss terms as functions, and one objective module per stage.
+
+The terms take their random draws (timesteps, guidance scales, noise) as arguments, so each
+is a deterministic function of its inputs that a test can recompute by hand. The objective
+modules draw them and sum the terms. Ray Train wraps the whole objective in DDP: the UNet is
+called several times per step (student, teacher, target, with different adapters), which
+DDP allows inside one wrapped forward but not as several wrapped calls.
+
+Guidance notation: ``eps_w = eps(c) + w (eps(c) - eps(empty))`` (code w = 7 is classical CFG 8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from icd.diffusion.boundaries import Boundaries, teacher_timestep
+from icd.diffusion.samplers import consistency_decode, consistency_encode
+from icd.diffusion.schedule import add_noise, ddim_jump_timesteps
+from icd.losses.consistency import consistency_loss
+from icd.losses.cycle import PatchLPIPS, cycle_loss
+from icd.losses.distill import cfg_distillation_loss
+from icd.losses.preservation import forward_preservation_loss, reverse_preservation_loss
+from icd.models.bundle import FORWARD, REVERSE, ModelBundle
+
+# The LoRA adapter that CFG distillation trains when ``train.cfg_distill.lora`` is on.
+GUIDANCE_ADAPTER = "icd_guidance"
+
+
+def consistency_jump(bundle: ModelBundle, adapter: str | None, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
+                     context: torch.Tensor, w) -> torch.Tensor:
+    """f(x_t, t -> s): the DDIM jump from t to the boundary s with the adapter's epsilon."""
+    with bundle.adapter(adapter):
+        eps = bundle.eps(x, t, context, w)
+    return ddim_jump_timesteps(bundle.alphas_cumprod, x, eps, t, s)
+
+
+def teacher_grid(num_train_timesteps: int, step: int) -> torch.Tensor:
+    """The teacher's timestep grid, descending from T - 1 in steps of ``step``: 999, 979, ..., 19."""
+    return torch.arange(num_train_timesteps - 1, -1, -step)
+
+
+# --- the loss terms -------------------------------------------------------------------------
+
+def guidance_distillation_term(student_eps: torch.Tensor, teacher_eps_cond: torch.Tensor,
+                               teacher_eps_uncond: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """MSE(student(x_t, t, c, w), eps_c + w (eps_c - eps_u))."""
+    return cfg_distillation_loss(student_eps, teacher_eps_cond, teacher_eps_uncond, w)
+
+
+def reverse_consistency_term(bundle: ModelBundle, x0, context, t, w, noise, boundaries: Boundaries,
+                             teacher_step: int, huber_c: float) -> torch.Tensor:
+    """d(f_rev(x_t, t -> s), stopgrad f_rev(x_t', t' -> s)), x_t' = guided teacher DDIM step t -> t' = max(t - step, s)."""
+    x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
+    s = boundaries.reverse_boundary(t)
+    student = consistency_jump(bundle, REVERSE, x_t, t, s, context, w)
+    with torch.no_grad():
+        t_teacher = teacher_timestep(t, s, teacher_step, "reverse")
+        with bundle.adapter(None):
+            eps = bundle.eps(x_t, t, context, w)
+        x_teacher = ddim_jump_timesteps(bundle.alphas_cumprod, x_t, eps, t, t_teacher).to(x0.dtype)
+        target = consistency_jump(bundle, REVERSE, x_teacher, t_teacher, s, context, w)
+        # On the boundary the consistency function is the identity (t' = 0 is the clean sample).
+        on_boundary = (t_teacher == s).reshape(-1, *([1] * (x0.dim() - 1)))
+        target = torch.where(on_boundary, x_teacher, target)
+    return consistency_loss(student, target, huber_c)
+
+
+def forward_consistency_term(bundle: ModelBundle, x0, context, t, noise, boundaries: Boundaries,
+                             teacher_step: int, huber_c: float) -> torch.Tensor:
+    """d(f_fwd(x_t, t -> s), stopgrad f_fwd(x_t'', t'' -> s)), unguided teacher DDIM inversion step t -> min(t + step, s)."""
+    x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
+    s = boundaries.forward_boundary(t)
+    student = consistency_jump(bundle, FORWARD, x_t, t, s, context, 0.0)
+    with torch.no_grad():
+        t_teacher = teacher_timestep(t, s, teacher_step, "forward")
+        with bundle.adapter(None):
+            eps = bundle.eps(x_t, t, context, 0.0)
+        x_teacher = ddim_jump_timesteps(bundle.alphas_cumprod, x_t, eps, t, t_teacher).to(x0.dtype)
+        target = consistency_jump(bundle, FORWARD, x_teacher, t_teacher, s, context, 0.0)
+    return consistency_loss(student, target, huber_c)
+
+
+def segment_ends(boundaries: Boundaries, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, lo, forward start) of reverse segments: the decoder maps hi -> lo, the encoder maps back from
+    lo (or from its first timestep, 19, when lo is the clean sample) to hi."""
+    hi = torch.tensor(boundaries.reverse_timesteps)[segment]
+    lo = torch.tensor(boundaries.reverse_targets)[segment]
+    start = torch.where(lo == 0, torch.full_like(lo, boundaries.forward_timesteps[0]), lo)
+    return hi, lo, start
+
+
+def check_mirrored(boundaries: Boundaries) -> None:
+    """Preservation losses need each reverse segment to be a forward segment run backwards."""
+    segments = torch.arange(len(boundaries.reverse_timesteps))
+    hi, _, start = segment_ends(boundaries, segments)
+    if not torch.equal(boundaries.forward_boundary(start), hi):
+        raise ValueError(
+            f"method.forward_timesteps {list(boundaries.forward_timesteps)} do not mirror method.reverse_timesteps "
+            f"{list(boundaries.reverse_timesteps)}: the encoder segments must end where the decoder segments start")
+
+
+def forward_preservation_term(bundle: ModelBundle, x0, context, segment, noise, start_noise,
+                              boundaries: Boundaries, huber_c: float) -> torch.Tensor:
+    """Lf = d(f_fwd(stopgrad f_rev(x_hi)), x_hi): decode one segment, encode it back (unguided)."""
+    hi, lo, start = (v.to(x0.device) for v in segment_ends(boundaries, segment))
+    acp = bundle.alphas_cumprod
+    x_hi = add_noise(acp, x0, noise, hi).to(x0.dtype)
+    with torch.no_grad():
+        x_lo = consistency_jump(bundle, REVERSE, x_hi, hi, lo, context, 0.0)
+        clean = (lo == 0).reshape(-1, *([1] * (x0.dim() - 1)))
+        x_start = torch.where(clean, add_noise(acp, x_lo, start_noise, start).to(x0.dtype), x_lo)
+    prediction = consistency_jump(bundle, FORWARD, x_start, start, hi, context, 0.0)
+    return forward_preservation_loss(prediction, x_hi, huber_c)
+
+
+def reverse_preservation_term(bundle: ModelBundle, x0, context, segment, noise, start_noise,
+                              boundaries: Boundaries, huber_c: float) -> torch.Tensor:
+    """Lr = d(f_rev(stopgrad f_fwd(x_lo)), x_lo): encode one segment, decode it back (unguided)."""
+    hi, lo, start = (v.to(x0.device) for v in segment_ends(boundaries, segment))
+    acp = bundle.alphas_cumprod
+    clean = (lo == 0).reshape(-1, *([1] * (x0.dim() - 1)))
+    x_lo = torch.where(clean, x0, add_noise(acp, x0, noise, lo).to(x0.dtype))
+    with torch.no_grad():
+        x_start = torch.where(clean, add_noise(acp, x0, start_noise, start).to(x0.dtype), x_lo)
+        x_hi = consistency_jump(bundle, FORWARD, x_start, start, hi, context, 0.0)
+    prediction = consistency_jump(bundle, REVERSE, x_hi, hi, lo, context, 0.0)
+    return reverse_preservation_loss(prediction, x_lo, huber_c)
+
+
+def cycle_term(bundle: ModelBundle, lpips: PatchLPIPS, x0, context, boundaries: Boundaries,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """LPIPS(decode(f_rev^m(f_fwd^m(x0))), decode(x0)): the encoder from t = 0 with gradients, the decoder unguided."""
+    from_zero = Boundaries(boundaries.reverse_timesteps, (0, *boundaries.forward_timesteps[1:]),
+                           boundaries.num_train_timesteps)
+    encoded = consistency_encode(bundle, x0, context, from_zero, generator).latents
+    decoded = consistency_decode(bundle, encoded, context, from_zero, guidance=0.0).latents
+    with torch.no_grad():
+        target_images = bundle.decode_latents(x0)
+    return cycle_loss(lpips, bundle.decode_latents(decoded), target_images)
+
+
+# --- the objectives -------------------------------------------------------------------------
+
+def _uniform(n: int, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randint(0, n, (count,), generator=generator)
+
+
+def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
+
+
+class CFGDistillObjective(torch.nn.Module):
+    """Guidance distillation: the w-embedded student learns the teacher's two-pass CFG prediction.
+
+    ``teacher_unet`` is a frozen copy of the base UNet for a full fine-tune; None when the
+    student trains a LoRA adapter (`GUIDANCE_ADAPTER`), whose disabled state is the teacher.
+    """
+
+    def __init__(self, bundle: ModelBundle, uncond_context: torch.Tensor, guidance_scales: list[float],
+                 teacher_unet: torch.nn.Module | None = None):
+        super().__init__()
+        self.bundle, self.unet, self.teacher = bundle, bundle.unet, teacher_unet
+        self.register_buffer("uncond", uncond_context[:1].detach(), persistent=False)
+        self.guidance_scales = torch.tensor(guidance_scales, dtype=torch.float32)
+
+    def teacher_eps(self, x, t, context):
+        if self.teacher is not None:
+            return self.teacher(x, t, encoder_hidden_states=context).sample
+        with self.bundle.adapter(None):  # no timestep_cond: the w-embedding is not part of the teacher
+            return self.unet(x, t, encoder_hidden_states=context, timestep_cond=None).sample
+
+    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        b, num_t = latents.shape[0], len(self.bundle.alphas_cumprod)
+        t = _uniform(num_t, b, generator).to(latents.device)
+        w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
+        x_t = add_noise(self.bundle.alphas_cumprod, latents, _noise(latents, generator), t).to(latents.dtype)
+        with torch.no_grad():
+            uncond = self.uncond.expand(b, -1, -1)
+            eps_c, eps_u = self.teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                            torch.cat([context, uncond])).chunk(2)
+        with self.bundle.adapter(GUIDANCE_ADAPTER if self.teacher is None else None):
+            student = self.bundle.eps(x_t, t, context, w)
+        loss = guidance_distillation_term(student, eps_c, eps_u, w.to(latents.device))
+        return {"loss": loss, "cfg_distill": loss.detach()}
+
+
+class ICDObjective(torch.nn.Module):
+    """Both consistency models at once: reverse CD (guided) + forward CD (unguided) + lf Lf + lr Lr."""
+
+    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method):
+        super().__init__()
+        self.bundle, self.unet, self.boundaries, self.method = bundle, bundle.unet, boundaries, method
+        self.guidance_scales = torch.tensor(method.guidance_scales, dtype=torch.float32)
+        grid = teacher_grid(method.num_train_timesteps, method.teacher_step)
+        self.reverse_grid = grid[grid > 0]
+        self.forward_grid = grid[(grid < method.num_train_timesteps - 1) & (grid >= boundaries.forward_timesteps[0])]
+        if method.lambda_forward or method.lambda_reverse:
+            check_mirrored(boundaries)
+
+    def consistency_terms(self, x0, context, generator) -> dict[str, torch.Tensor]:
+        b, m = x0.shape[0], self.method
+        t_rev = self.reverse_grid[_uniform(len(self.reverse_grid), b, generator)].to(x0.device)
+        w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
+        t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(x0.device)
+        return {
+            "cd_reverse": reverse_consistency_term(self.bundle, x0, context, t_rev, w, _noise(x0, generator),
+                                                   self.boundaries, m.teacher_step, m.huber_c),
+            "cd_forward": forward_consistency_term(self.bundle, x0, context, t_fwd, _noise(x0, generator),
+                                                   self.boundaries, m.teacher_step, m.huber_c),
+        }
+
+    def preservation_term(self, which: str, x0, context, generator) -> torch.Tensor:
+        segment = _uniform(len(self.boundaries.reverse_timesteps), x0.shape[0], generator)
+        term = forward_preservation_term if which == "forward" else reverse_preservation_term
+        return term(self.bundle, x0, context, segment, _noise(x0, generator), _noise(x0, generator),
+                    self.boundaries, self.method.huber_c)
+
+    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        parts = self.consistency_terms(latents, context, generator)
+        loss = parts["cd_reverse"] + parts["cd_forward"]
+        if self.method.lambda_forward:
+            parts["preservation_forward"] = self.preservation_term("forward", latents, context, generator)
+            loss = loss + self.method.lambda_forward * parts["preservation_forward"]
+        if self.method.lambda_reverse:
+            parts["preservation_reverse"] = self.preservation_term("reverse", latents, context, generator)
+            loss = loss + self.method.lambda_reverse * parts["preservation_reverse"]
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+
+
+class CycleObjective(ICDObjective):
+    """The forward adapter only: cycle LPIPS (coefficient 1) + its consistency loss + lf Lf."""
+
+    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, lpips: PatchLPIPS):
+        super().__init__(bundle, boundaries, method)
+        self.vae, self.lpips = bundle.vae, lpips
+
+    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        b, m = latents.shape[0], self.method
+        t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(latents.device)
+        parts = {
+            "cycle": cycle_term(self.bundle, self.lpips, latents, context, self.boundaries, generator),
+            "cd_forward": forward_consistency_term(self.bundle, latents, context, t_fwd, _noise(latents, generator),
+                                                   self.boundaries, m.teacher_step, m.huber_c),
+        }
+        loss = parts["cycle"] + parts["cd_forward"]
+        if m.lambda_forward:
+            parts["preservation_forward"] = self.preservation_term("forward", latents, context, generator)
+            loss = loss + m.lambda_forward * parts["preservation_forward"]
+        return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
+

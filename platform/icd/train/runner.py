@@ -1,0 +1,112 @@
+"""Run one stage as a Ray Train ``TorchTrainer`` (the driver side of a stage job).
+
+A finished stage (its manifest exists for the same identity) is returned as is and
+trains nothing. Otherwise the trainer runs under ``RunConfig(name=<stage>-<identity>,
+storage_path=<root>/checkpoints/<run>)``, so a job submitted again resumes from the latest
+checkpoint, and ``FailureConfig`` restarts the worker group from it when a worker dies.
+"""
+
+from __future__ import annotations
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from icd.config import Config
+from icd.storage import S3Settings, filesystem_for
+from icd.train import tracking
+from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
+from icd.train.stages import PREVIOUS, StagePaths, check_stage, make_manifest, read_stage_manifest, write_json
+
+PREVIEW_SAMPLES = 8
+
+
+def training_dataset(config: Config, settings: S3Settings) -> tuple[ray.data.Dataset, str]:
+    """The training data: the latent cache (built first if missing) or the raw shards, and which it is."""
+    if config.data.use_latent_cache:
+        from icd.data.latent_cache import ensure_latent_cache, read_latent_cache
+
+        cache = ensure_latent_cache(config, settings=settings)["cache"]
+        return read_latent_cache(cache, settings), "latents"
+    from icd.data.latent_cache import dataset_uri
+    from icd.data.reader import PreprocessOptions, preprocess, read_raw
+
+    raw = read_raw(dataset_uri(config, settings=settings), settings, shuffle_seed=config.data.shuffle_seed)
+    return preprocess(raw, PreprocessOptions.from_config(config), cpus_per_actor=0.5), "raw"
+
+
+def preview_batch(dataset: ray.data.Dataset, kind: str) -> dict:
+    rows = dataset.take_batch(PREVIEW_SAMPLES, batch_format="numpy")
+    return {"captions": [str(c) for c in rows["caption"]], **{c: rows[c] for c in NUMERIC_COLUMNS[kind]}}
+
+
+def run_stage(config: Config, stage: str, run: str | None = None, root: str | None = None,
+              settings: S3Settings | None = None, parent_run_id: str | None = None,
+              max_failures: int = 3, failure_drill: dict | None = None, say=print) -> dict:
+    """Train ``stage`` unless its output exists; returns its manifest (``reused`` says which)."""
+    check_stage(stage)
+    settings = settings or S3Settings.from_config(config.storage)
+    paths = StagePaths.of(config, stage, run, root, settings)
+    finished = read_stage_manifest(paths.manifest, settings)
+    if finished is not None:
+        say(f"{stage}: already trained ({paths.output}); nothing to do")
+        return {**finished, "reused": True}
+
+    input_manifest = None
+    if PREVIOUS[stage]:
+        previous = StagePaths.of(config, PREVIOUS[stage], paths.run, root, settings)
+        input_manifest = read_stage_manifest(previous.manifest, settings)
+        if input_manifest is None:
+            raise FileNotFoundError(f"stage {stage} needs {PREVIOUS[stage]}'s output at {previous.output}; "
+                                    f"run --stage {PREVIOUS[stage]} first (same config and run name)")
+    dataset, kind = training_dataset(config, settings)
+    preview = preview_batch(dataset, kind)
+    dataset = dataset.select_columns(NUMERIC_COLUMNS[kind])
+
+    mlflow = None
+    if config.tracking.tracking_uri or tracking_configured():
+        run_id = tracking.start_stage_run(config, stage, paths.identity, paths.run,
+                                          input_manifest and input_manifest["output"], parent_run_id)
+        mlflow = {"uri": tracking.tracking_uri(config), "run_id": run_id}
+    say(f"{stage}: training {getattr(config.train, stage).steps} steps on {config.scaling.num_workers} "
+        f"worker(s); checkpoints under {paths.storage_path}/{paths.trainer_name}")
+
+    fs, storage_path = filesystem_for(paths.storage_path, settings)
+    scaling = config.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "stage": stage, "input_manifest": input_manifest,
+                           "output_uri": paths.output, "mlflow": mlflow,
+                           "preview": preview, "failure_drill": failure_drill},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker,
+                                  **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=paths.trainer_name, storage_path=storage_path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=getattr(config.train, stage).keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        if mlflow:
+            tracking.mark_failed(config, mlflow["run_id"])
+        raise
+    state = result.metrics or {}
+    manifest = make_manifest(paths, config, input_manifest, int(state.get("step", 0)),
+                             list(state.get("resumed_from", [])))
+    if mlflow:
+        manifest["mlflow_run_id"] = mlflow["run_id"]
+    write_json(paths.manifest, manifest, settings)  # last: a manifest means a complete output
+    if mlflow:
+        tracking.finish_stage_run(config, mlflow["run_id"], manifest)
+    say(f"{stage}: done, output {paths.output}")
+    return {**manifest, "reused": False}
+
+
+def tracking_configured() -> bool:
+    import os
+
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))

@@ -1,0 +1,258 @@
+"""Stage objectives without Ray: terms against hand computation, loss decrease, which weights move."""
+
+import numpy as np
+import pytest
+import torch
+
+from icd.config import load_config
+from icd.data.shapes import render, sample_specs
+from icd.diffusion.boundaries import Boundaries
+from icd.diffusion.schedule import scaled_linear_alphas_cumprod
+from icd.models.adapters import add_adapters
+from icd.models.bundle import FORWARD, REVERSE
+from icd.models.toy import tiny_bundle
+from icd.train import objectives
+from icd.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from icd.train.stages import (StagePaths, artifact_layout, build_stage_model, export_stage, make_manifest,
+                              stage_identity)
+
+DEFAULT = Boundaries((999, 779, 519, 259), (19, 259, 519, 779))
+ACP = scaled_linear_alphas_cumprod().double()
+
+
+def ab(t):
+    """(alpha_t, sigma_t) from abar, computed here independently; t < 0 is the clean sample."""
+    if t < 0:
+        return 1.0, 0.0
+    return float(ACP[t].sqrt()), float((1 - ACP[t]).sqrt())
+
+
+def jump_by_hand(x, eps, t, s):
+    """x_s = alpha_s x0 + sigma_s eps, x0 = (x_t - sigma_t eps) / alpha_t; s = 0 is the clean sample."""
+    a_t, s_t = ab(t)
+    a_s, s_s = ab(-1 if s == 0 else s)
+    return a_s * (x - s_t * eps) / a_t + s_s * eps
+
+
+def huber(a, b, c=0.001):
+    d = (a - b).double()
+    return float((torch.sqrt(d ** 2 + c * c) - c).mean())
+
+
+@pytest.fixture(scope="module")
+def guided_tiny():
+    bundle = tiny_bundle(seed=0, guidance_dim=16)
+    add_adapters(bundle.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    return bundle
+
+
+def test_reverse_consistency_term_equals_a_hand_computation(guided_tiny):
+    bundle = guided_tiny
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    t, w = torch.tensor([539, 19]), torch.tensor([7.0, 0.0])
+    got = objectives.reverse_consistency_term(bundle, x0, context, t, w, noise, DEFAULT, 20, 0.001)
+
+    expected = []
+    for i, (ti, si, ti2) in enumerate([(539, 519, 519), (19, 0, 0)]):
+        a, s = ab(ti)
+        x_t = a * x0[i:i + 1] + s * noise[i:i + 1]
+        c = context[i:i + 1]
+        with bundle.adapter(REVERSE):
+            student = jump_by_hand(x_t, bundle.eps(x_t, ti, c, w[i]), ti, si)
+        with bundle.adapter(None):
+            x_teacher = jump_by_hand(x_t, bundle.eps(x_t, ti, c, w[i]), ti, ti2)
+        # both teacher points are on the boundary: the target is the teacher's point itself
+        expected.append(huber(student, x_teacher))
+    assert got.item() == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_forward_consistency_term_equals_a_hand_computation(guided_tiny):
+    bundle = guided_tiny
+    g = torch.Generator().manual_seed(4)
+    x0, noise, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([279])  # forward segment 259 -> 519; teacher to 299, target from there
+    got = objectives.forward_consistency_term(bundle, x0, context, t, noise, DEFAULT, 20, 0.001)
+    a, s = ab(279)
+    x_t = a * x0 + s * noise
+    with bundle.adapter(FORWARD):
+        student = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 519)
+    with bundle.adapter(None):
+        x_299 = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 299)
+    with bundle.adapter(FORWARD):
+        target = jump_by_hand(x_299, bundle.eps(x_299, 299, context, 0.0), 299, 519)
+    assert got.item() == pytest.approx(huber(student, target), rel=1e-4)
+
+
+def test_preservation_terms_match_their_definitions(guided_tiny):
+    bundle = guided_tiny
+    g = torch.Generator().manual_seed(5)
+    x0, n1, n2, context = (torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g),
+                           torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g))
+    # segment 3 is 259 -> 0: the encoder maps it back from t = 19
+    segment = torch.tensor([3])
+    lf = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n2, DEFAULT, 0.001)
+    a, s = ab(259)
+    x_hi = a * x0 + s * n1
+    with bundle.adapter(REVERSE):
+        x_clean = jump_by_hand(x_hi, bundle.eps(x_hi, 259, context, 0.0), 259, 0)
+    a19, s19 = ab(19)
+    x_19 = a19 * x_clean + s19 * n2
+    with bundle.adapter(FORWARD):
+        back = jump_by_hand(x_19, bundle.eps(x_19, 19, context, 0.0), 19, 259)
+    assert lf.item() == pytest.approx(huber(back, x_hi), rel=1e-4)
+
+    lr = objectives.reverse_preservation_term(bundle, x0, context, torch.tensor([1]), n1, n2, DEFAULT, 0.001)
+    a, s = ab(519)
+    x_lo = a * x0 + s * n1  # segment 1 is 779 -> 519
+    with bundle.adapter(FORWARD):
+        x_hi = jump_by_hand(x_lo, bundle.eps(x_lo, 519, context, 0.0), 519, 779)
+    with bundle.adapter(REVERSE):
+        back = jump_by_hand(x_hi, bundle.eps(x_hi, 779, context, 0.0), 779, 519)
+    assert lr.item() == pytest.approx(huber(back, x_lo), rel=1e-4)
+
+
+def test_unmirrored_boundaries_are_refused_for_preservation_losses():
+    with pytest.raises(ValueError, match="forward_timesteps"):
+        objectives.check_mirrored(Boundaries((999, 779, 519, 259), (19, 300, 519, 779)))
+    objectives.check_mirrored(Boundaries((999, 699, 339), (19, 339, 699)))
+
+
+# --- the stages on the toy base model: a chain cfg_distill -> icd -> cycle ----------------------
+
+def toy_config(**stage_overrides):
+    sets = ["train.cfg_distill.global_batch_size=8", "train.icd.global_batch_size=8", "train.cycle.global_batch_size=4"]
+    return load_config("jobs/configs/toy.yaml", sets + [f"{k}={v}" for k, v in stage_overrides.items()])
+
+
+def fixed_batch(model, n=8):
+    specs = sample_specs(np.random.default_rng(0), n)
+    pixels = torch.from_numpy(np.stack([render(s).image for s in specs])).permute(0, 3, 1, 2)
+    ids = model.bundle.tokenize([s.caption for s in specs])
+    return model.encode_batch({"pixels": pixels, "input_ids": ids})
+
+
+def snapshot(unet):
+    return {n: p.detach().clone() for n, p in unet.named_parameters()}
+
+
+def train_steps(model, steps, lr, n=8):
+    latents, context = fixed_batch(model, n)
+    params = list(model.trainable_parameters().values())
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        out = model.objective(latents, context, torch.Generator().manual_seed(step % 2))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(out["loss"].item())
+    return losses
+
+
+def changed(before, unet):
+    return {n for n, p in unet.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Train each stage a few steps and export it, as the stages hand over to each other."""
+    root = str(tmp_path_factory.mktemp("stages"))
+    config = toy_config(**{"train.cfg_distill.lora": "true"})
+    torch.manual_seed(0)
+    results, previous = {}, None
+    for stage, steps, lr in (("cfg_distill", 6, 3e-3), ("icd", 6, 3e-3), ("cycle", 4, 3e-3)):
+        model = build_stage_model(stage, config, previous)
+        before = snapshot(model.bundle.unet)
+        losses = train_steps(model, steps, lr, n=8 if stage != "cycle" else 4)
+        paths = StagePaths.of(config, stage, "unit", root)
+        export_stage(model, paths.output)
+        previous = make_manifest(paths, config, previous, steps, [])
+        results[stage] = dict(model=model, before=before, losses=losses, manifest=previous)
+    return config, results
+
+
+@pytest.mark.parametrize("stage", ["cfg_distill", "icd", "cycle"])
+def test_each_stage_loss_decreases_on_a_fixed_batch(chain, stage):
+    losses = chain[1][stage]["losses"]
+    # the draws alternate between two seeds: compare like with like
+    assert losses[-2] < losses[0] and losses[-1] < losses[1], losses
+
+
+def test_lora_cfg_distill_trains_only_the_adapter_and_the_w_embedding(chain):
+    result = chain[1]["cfg_distill"]
+    moved = changed(result["before"], result["model"].bundle.unet)
+    assert moved and all("lora_" in n or "cond_proj" in n for n in moved), sorted(moved)[:5]
+    assert any("cond_proj" in n for n in moved)
+
+
+def test_icd_trains_both_adapters_and_nothing_else(chain):
+    result = chain[1]["icd"]
+    moved = changed(result["before"], result["model"].bundle.unet)
+    assert all("lora_" in n for n in moved)
+    assert any(f".{FORWARD}." in n for n in moved) and any(f".{REVERSE}." in n for n in moved)
+
+
+def test_cycle_never_changes_the_reverse_adapter(chain):
+    result = chain[1]["cycle"]
+    moved = changed(result["before"], result["model"].bundle.unet)
+    assert moved and all(f".{FORWARD}." in n and "lora_" in n for n in moved), sorted(moved)[:5]
+
+
+def test_full_cfg_distill_keeps_a_frozen_teacher_and_moves_the_base_weights():
+    config = toy_config()
+    assert config.train.cfg_distill.lora is False
+    model = build_stage_model("cfg_distill", config, None)
+    teacher_before = {n: p.clone() for n, p in model.objective.teacher.named_parameters()}
+    before = snapshot(model.bundle.unet)
+    train_steps(model, 2, 1e-3)
+    assert any("conv_in" in n or "down_blocks" in n for n in changed(before, model.bundle.unet))
+    assert all(torch.equal(teacher_before[n], p) for n, p in model.objective.teacher.named_parameters())
+
+
+def test_exported_stages_load_back_with_the_trained_weights(chain):
+    from icd.train.stages import load_stage_bundle
+
+    config, results = chain
+    icd = results["icd"]
+    loaded = load_stage_bundle(icd["manifest"])
+    assert loaded.guidance_dim == config.model.guidance_embedding_dim
+    trained = dict(icd["model"].bundle.unet.named_parameters())
+    for name, param in loaded.unet.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(param, trained[name]), name
+    # the cfg_distill output is a plain UNet: its LoRA folded into the weights
+    distilled = load_stage_bundle(results["cfg_distill"]["manifest"])
+    assert not distilled.adapters and artifact_layout("cfg_distill")["unet"] == "unet"
+    assert icd["manifest"]["unet"] == results["cfg_distill"]["manifest"]["unet"]
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path, guided_tiny):
+    trainable = {n: p for n, p in guided_tiny.unet.named_parameters() if "lora_" in n}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    for p in trainable.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    save_checkpoint(tmp_path, trainable, optimizer, TrainState(step=7, epoch=1, resumed_from=[3]))
+    saved = {n: p.detach().clone() for n, p in trainable.items()}
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(1.0)
+    fresh = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    state = load_checkpoint(tmp_path, trainable, fresh)
+    assert state == TrainState(step=7, epoch=1, resumed_from=[3])
+    assert all(torch.equal(saved[n], p) for n, p in trainable.items())
+    assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    with pytest.raises(ValueError, match="does not match"):
+        load_checkpoint(tmp_path, {"other": torch.nn.Parameter(torch.zeros(1))}, fresh)
+
+
+def test_stage_identity_follows_inputs_but_not_logging():
+    base = toy_config()
+    assert stage_identity(base, "cycle") == stage_identity(toy_config(**{"train.cycle.log_every": 3}), "cycle")
+    changed_icd = toy_config(**{"train.icd.lr": 1e-3})
+    assert stage_identity(base, "icd") != stage_identity(changed_icd, "icd")
+    assert stage_identity(base, "cycle") != stage_identity(changed_icd, "cycle")  # its input changed
+    assert stage_identity(base, "cfg_distill") == stage_identity(changed_icd, "cfg_distill")
