@@ -95,7 +95,11 @@ def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.
     if read_manifest(uri, settings) is None:
         raise FileNotFoundError(f"{uri} is not a complete latent cache (no {MANIFEST}); build it first")
     fs, root = filesystem_for(uri, settings)
-    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"])
+    # Light CPU requests: on a small node the train workers hold most CPUs while this streams.
+    # The V1 reader, because the V2 one lists files in a separate 1-CPU task that a 2-core
+    # node running two train workers can never schedule.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": 0.25})
 
 
 def dataset_uri(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:

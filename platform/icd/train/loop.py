@@ -119,7 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
             if logger and (state.step % stage_config.log_every == 0 or state.step == stage_config.steps):
                 elapsed = time.perf_counter() - window["start"]
-                logger.log_metrics({**{k: float(v) for k, v in out.items()}, "grad_norm": float(grad_norm),
+                logger.log_metrics({**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item(),
                                     "samples_per_s": window["steps"] * batch_size * world / elapsed,
                                     "data_wait_fraction": window["wait"] / elapsed, "epoch": state.epoch},
                                    state.step)
@@ -140,7 +140,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _report(state: TrainState, out: dict, rank: int, trainable, optimizer) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
-    metrics = {"step": state.step, "epoch": state.epoch, "loss": float(out["loss"]),
+    metrics = {"step": state.step, "epoch": state.epoch, "loss": out["loss"].item(),
                "resumed_from": list(state.resumed_from)}
     if rank != 0:
         ray.train.report(metrics)
@@ -155,7 +155,7 @@ def _log_preview(logger, model, config: Config, boundaries: Boundaries, preview:
     from icd.train.objectives import GUIDANCE_ADAPTER
     from icd.train.previews import preview_grid
 
-    columns = {k: torch.as_tensor(v) for k, v in preview.items() if k != "captions"}
+    columns = {k: torch.tensor(v) for k, v in preview.items() if k != "captions"}
     latents, _ = model.encode_batch(columns)
     adapter = GUIDANCE_ADAPTER if GUIDANCE_ADAPTER in model.bundle.adapters else None
     model.bundle.unet.eval()

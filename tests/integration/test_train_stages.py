@@ -1,0 +1,88 @@
+"""The three stages as `ray job submit` jobs on the stack: 2 CPU workers (DDP over gloo),
+checkpoints in S3, a worker killed mid-run, a finished stage submitted again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+from pyarrow.fs import FileSelector
+
+from icd.storage import read_json, s3_filesystem
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RUN = "test-train"
+STEPS = {"cfg_distill": 12, "icd": 12, "cycle": 6}
+SETTINGS = [
+    "data.dataset=test-train-shapes", "data.eval_dataset=null",
+    "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=1e-3",
+    "train.icd.global_batch_size=16", "train.icd.lr=1e-3",
+    "train.cycle.global_batch_size=4",
+    *[f"train.{stage}.{key}={value}" for stage, steps in STEPS.items()
+      for key, value in (("steps", steps), ("checkpoint_every", 2), ("log_every", 1), ("images_every", steps))],
+]
+
+
+def submit(stage: str, env: dict, *extra: str) -> tuple[dict, str]:
+    command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_stage.py",
+               "--stage", stage, "--config", "jobs/configs/toy.yaml", "--run", RUN,
+               *[arg for s in SETTINGS for arg in ("--set", s)], *extra]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    last = [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
+    return json.loads(last), done.stdout
+
+
+def losses(client, run_id: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack_env):
+    env = {**os.environ, **stack_env.client_env()}
+    made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "test-train-shapes", "--count", "64",
+                           "--per-shard", "32", "--eval-count", "0"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    # cfg_distill: the w-embedding starts at zero, so the guided error is large and falls fast
+    distill, log = submit("cfg_distill", env)
+    assert "Wrapping provided model in DistributedDataParallel" in log
+    assert distill["steps"] == STEPS["cfg_distill"] and distill["unet"].endswith("/unet")
+    history = losses(client, distill["mlflow_run_id"])
+    assert len(history) == STEPS["cfg_distill"] and sum(history[-4:]) < sum(history[:4]), history
+
+    # icd, with worker 1 killed after step 5: the group restarts from the step-4 checkpoint
+    icd, _ = submit("icd", env, "--failure-drill", "1:5")
+    assert icd["resumed_from"] == [4] and icd["steps"] == STEPS["icd"]
+    assert icd["input"] == distill["output"] and set(icd["adapters"]) == {"icd_forward", "icd_reverse"}
+    run = client.get_run(icd["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["icd.stage"] == "icd"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "resumed_from_step")] == [4]
+    assert {"cd_reverse", "cd_forward", "preservation_forward", "preservation_reverse", "samples_per_s",
+            "data_wait_fraction"} <= set(run.data.metrics)
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(run.info.run_id, "images"))
+    # checkpoints live in S3 under the Ray Train run name; at most keep_checkpoints of them
+    manifest = read_json(f"{icd['output']}/manifest.json")
+    assert manifest["identity"] == icd["identity"]
+    checkpoints = s3_filesystem().get_file_info(
+        FileSelector(f"{stack_env.bucket}/checkpoints/{RUN}/icd-{icd['identity']}"))
+    kept = sorted(info.base_name for info in checkpoints if info.base_name.startswith("step-"))
+    assert kept == ["step-0000008", "step-0000010", "step-0000012"]  # keep_checkpoints = 3
+
+    cycle, _ = submit("cycle", env)
+    assert cycle["input"] == icd["output"] and cycle["steps"] == STEPS["cycle"]
+    assert "cycle" in client.get_run(cycle["mlflow_run_id"]).data.metrics
+
+    # the same stage, the same config: nothing is trained and no MLflow run is added
+    runs_before = len(client.search_runs([run.info.experiment_id]))
+    again, log = submit("cycle", env)
+    assert again["reused"] is True and again["identity"] == cycle["identity"]
+    assert "TrainController" not in log
+    assert len(client.search_runs([run.info.experiment_id])) == runs_before
