@@ -256,3 +256,6 @@ def test_stage_identity_follows_inputs_but_not_logging():
     assert stage_identity(base, "icd") != stage_identity(changed_icd, "icd")
     assert stage_identity(base, "cycle") != stage_identity(changed_icd, "cycle")  # its input changed
     assert stage_identity(base, "cfg_distill") == stage_identity(changed_icd, "cfg_distill")
+    two_step = toy_config(**{"method.reverse_timesteps": "[999,499]", "method.forward_timesteps": "[19,499]"})
+    assert stage_identity(base, "cfg_distill") == stage_identity(two_step, "cfg_distill")
+    assert stage_identity(base, "icd") != stage_identity(two_step, "icd")

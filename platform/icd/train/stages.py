@@ -33,6 +33,8 @@ from icd.storage import S3Settings, filesystem_for, is_s3_uri, read_json
 STAGES = ("cfg_distill", "icd", "cycle")
 PREVIOUS = {"cfg_distill": None, "icd": "cfg_distill", "cycle": "icd"}
 MANIFEST = "manifest.json"
+# The method settings CFG distillation depends on (the schedule and the guidance scales).
+GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guidance_scales")
 
 
 def check_stage(stage: str) -> str:
@@ -47,6 +49,8 @@ def stage_identity(config: Config, stage: str) -> str:
     parts = {"stage": stage, "preset": config.preset, "seed": config.seed,
              **{name: getattr(config, name).model_dump(mode="json") for name in ("model", "data", "method")},
              "train": getattr(config.train, stage).model_dump(mode="json")}
+    if stage == "cfg_distill":  # boundaries and preservation weights are the later stages' business
+        parts["method"] = {k: v for k, v in parts["method"].items() if k in GUIDANCE_METHOD_FIELDS}
     # Logging cadence does not change the weights.
     for key in ("log_every", "images_every"):
         parts["train"].pop(key)
