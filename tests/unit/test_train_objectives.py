@@ -259,3 +259,16 @@ def test_stage_identity_follows_inputs_but_not_logging():
     two_step = toy_config(**{"method.reverse_timesteps": "[999,499]", "method.forward_timesteps": "[19,499]"})
     assert stage_identity(base, "cfg_distill") == stage_identity(two_step, "cfg_distill")
     assert stage_identity(base, "icd") != stage_identity(two_step, "icd")
+
+
+def test_preview_grid_layout_and_edit_prompts():
+    from icd.train.previews import edited_caption, to_uint8_grid
+
+    assert edited_caption("a red circle on a blue background", 0) == "a green circle on a blue background"
+    assert edited_caption("a photo of a cat", 0) == "a photo of a cat"  # not a shapes caption: unchanged
+    rows = [torch.full((2, 3, 4, 4), -1.0), torch.ones(2, 3, 4, 4)]
+    rows[1][1, 0] = 0.0  # second image of the second row: red channel mid-grey
+    grid = to_uint8_grid(rows)
+    assert grid.shape == (8, 8, 3) and grid.dtype == np.uint8
+    assert (grid[:4] == 0).all() and (grid[4:, :4] == 255).all()
+    assert (grid[4:, 4:, 0] == 128).all() and (grid[4:, 4:, 1] == 255).all()

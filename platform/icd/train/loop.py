@@ -93,6 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     boundaries = Boundaries.from_config(config.method)
     window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+    timed = {"start": None, "steps": 0}  # whole-run throughput, from the end of the first step
 
     while state.step < stage_config.steps:
         batches = iter(epoch_batches(shard, state.epoch, batch_size, config.data.shuffle_seed, device=str(device)))
@@ -115,6 +116,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             scaler.update()
             state.step += 1
             window["steps"] += 1
+            if timed["start"] is None:
+                timed["start"] = time.perf_counter()
+            else:
+                timed["steps"] += 1
             _failure_drill(loop_config.get("failure_drill"), rank, state.step)
 
             if logger and (state.step % stage_config.log_every == 0 or state.step == stage_config.steps):
@@ -127,7 +132,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger and loop_config.get("preview") and state.step % stage_config.images_every == 0:
                 _log_preview(logger, model, config, boundaries, loop_config["preview"], state.step)
             if state.step % stage_config.checkpoint_every == 0 or state.step == stage_config.steps:
-                _report(state, out, rank, trainable, optimizer)
+                elapsed = time.perf_counter() - timed["start"]
+                throughput = timed["steps"] * batch_size * world / elapsed if timed["steps"] else 0.0
+                _report(state, out, rank, trainable, optimizer, throughput)
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no batch of {batch_size} in epoch {state.epoch}: "
                                f"the dataset is smaller than global_batch_size={stage_config.global_batch_size}")
@@ -138,10 +145,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         export_stage(model, loop_config["output_uri"], settings)
 
 
-def _report(state: TrainState, out: dict, rank: int, trainable, optimizer) -> None:
+def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, samples_per_s: float) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     metrics = {"step": state.step, "epoch": state.epoch, "loss": out["loss"].item(),
-               "resumed_from": list(state.resumed_from)}
+               "resumed_from": list(state.resumed_from), "samples_per_s": samples_per_s}
     if rank != 0:
         ray.train.report(metrics)
         return

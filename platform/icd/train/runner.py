@@ -97,6 +97,7 @@ def run_stage(config: Config, stage: str, run: str | None = None, root: str | No
     state = result.metrics or {}
     manifest = make_manifest(paths, config, input_manifest, int(state.get("step", 0)),
                              list(state.get("resumed_from", [])))
+    manifest["samples_per_s"] = round(float(state.get("samples_per_s", 0.0)), 3)
     if mlflow:
         manifest["mlflow_run_id"] = mlflow["run_id"]
     write_json(paths.manifest, manifest, settings)  # last: a manifest means a complete output

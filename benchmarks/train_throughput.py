@@ -1,0 +1,85 @@
+"""Samples/s of each stage under Ray Train's TorchTrainer against the same loop in a plain process.
+
+    eval "$(icd stack env)"
+    python benchmarks/train_throughput.py [--steps 30,10,10]
+
+Same model, same global batch (the toy preset's), same one core each: TorchTrainer with one
+CPU worker (data streamed from the latent cache in S3 by Ray Data, metrics to MLflow,
+a checkpoint at the end) against the loop's arithmetic in this process on one thread with
+a batch already in memory. Throughput is counted from the end of the first step, so model
+loading and Ray start-up are excluded from both. The stages run in order (each needs the
+previous one's output) under a fresh run name.
+Last line: {"<stage>": {"ray_samples_per_s": ..., "plain_samples_per_s": ..., "overhead": ...}, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from icd.config import load_config
+from icd.train.loop import per_worker_batch, step_generator
+from icd.train.stages import STAGES, build_stage_model
+
+
+def plain_samples_per_s(config, stage: str, input_manifest: dict | None, batch: dict, steps: int) -> float:
+    """The train loop's arithmetic without Ray: objective, backward, clip, AdamW step."""
+    stage_config = getattr(config.train, stage)
+    model = build_stage_model(stage, config, input_manifest)
+    trainable = list(model.trainable_parameters().values())
+    optimizer = torch.optim.AdamW(trainable, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
+    latents, hidden = model.encode_batch({k: torch.as_tensor(v) for k, v in batch.items()})
+    start = None
+    for step in range(steps):
+        out = model.objective(latents, hidden, step_generator(config.seed, 0, step))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, stage_config.grad_clip)
+        optimizer.step()
+        if start is None:
+            start = time.perf_counter()
+    return (steps - 1) * len(latents) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="jobs/configs/toy.yaml")
+    parser.add_argument("--steps", default="30,10,10", help="steps of cfg_distill,icd,cycle")
+    args = parser.parse_args()
+    steps = dict(zip(STAGES, (int(s) for s in args.steps.split(","))))
+
+    import ray
+
+    from icd.data.latent_cache import ensure_latent_cache, read_latent_cache
+    from icd.train.runner import run_stage
+
+    run = f"throughput-{int(time.time())}"
+    sets = ["scaling.num_workers=1", "scaling.cpus_per_worker=1"]
+    for stage, n in steps.items():
+        sets += [f"train.{stage}.steps={n}", f"train.{stage}.checkpoint_every={n}", f"train.{stage}.images_every={n + 1}"]
+    config = load_config(args.config, sets)
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    cache = ensure_latent_cache(config)["cache"]
+    torch.set_num_threads(1)  # the Ray worker holds one CPU, so one thread
+    results, previous = {}, None
+    for stage in STAGES:
+        batch_size = per_worker_batch(getattr(config.train, stage).global_batch_size, 1)
+        batch = read_latent_cache(cache).select_columns(["latents", "encoder_hidden_states"]).take_batch(
+            batch_size, batch_format="numpy")
+        manifest = run_stage(config, stage, run=run)
+        ray_rate = manifest["samples_per_s"]
+        plain_rate = plain_samples_per_s(config, stage, previous, batch, steps[stage])
+        results[stage] = {"ray_samples_per_s": round(ray_rate, 2), "plain_samples_per_s": round(plain_rate, 2),
+                          "overhead": round(1 - ray_rate / plain_rate, 3)}
+        print(f"{stage}: {results[stage]}", flush=True)
+        previous = manifest
+    ray.shutdown()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
