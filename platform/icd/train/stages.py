@@ -264,3 +264,18 @@ def export_stage(model: StageModel, output_uri: str, settings: S3Settings | None
     with tempfile.TemporaryDirectory(prefix="icd-export-") as tmp:
         model.export(Path(tmp))
         upload_dir(Path(tmp), output_uri, settings)
+
+
+def latest_stage_manifest(root: str, run: str, stage: str, settings: S3Settings | None = None) -> dict | None:
+    """The most recently finished output of ``stage`` in ``run`` (any identity), or None."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem_for(f"{root.rstrip('/')}/models/{run}", settings)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except FileNotFoundError:
+        return None
+    manifests = [read_stage_manifest(f"{root.rstrip('/')}/models/{run}/{e.base_name}", settings)
+                 for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith(f"{stage}-")]
+    manifests = [m for m in manifests if m is not None]
+    return max(manifests, key=lambda m: m["finished_at"]) if manifests else None
