@@ -1,0 +1,1 @@
+"""MLflow model registry: the edit model as a pyfunc, registration, gated promotion."""
