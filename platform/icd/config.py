@@ -166,10 +166,27 @@ class StorageConfig(_Section):
     endpoint_url: str | None = Field(None, description="defaults to $AWS_ENDPOINT_URL")
 
 
+class Gate(_Section):
+    """A promotion rule on one evaluation metric (e.g. ``cycle.psnr``)."""
+
+    metric: str
+    higher_is_better: bool = True
+    threshold: float | None = Field(None, description="the candidate must reach this value at least (or at most)")
+    max_regression: float | None = Field(0.0, ge=0, description="allowed loss against the champion; None: no comparison")
+
+
 class TrackingConfig(_Section):
     experiment: str = "icd"
     tracking_uri: str | None = Field(None, description="defaults to $MLFLOW_TRACKING_URI")
     registered_model: str | None = Field(None, description="defaults to icd-<preset>")
+    # A candidate becomes `champion` only when it passes every gate; otherwise `challenger`.
+    gates: list[Gate] = Field(default_factory=lambda: [
+        Gate(metric="psnr", max_regression=0.5),
+        Gate(metric="edit_success", max_regression=0.05),
+    ])
+
+    def model_name(self, preset: str) -> str:
+        return self.registered_model or f"icd-{preset}"
 
 
 class Config(_Section):
