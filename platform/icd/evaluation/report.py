@@ -1,0 +1,120 @@
+"""One evaluation of a model: reconstruction, editing and generation on held-out shapes images.
+
+Rows of the table: ``ddim50`` (the guidance-distilled teacher: DDIM-50 inversion and
+sampling), and each trained consistency model (``icd``, ``cycle``). Columns: latent MSE,
+PSNR, LPIPS (``lpips_randvgg`` offline), edit success, background PSNR, mask IoU, caption
+accuracy of generations, and the UNet passes per reconstruction / edit.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from icd.diffusion import samplers
+from icd.diffusion.boundaries import Boundaries
+from icd.evaluation.editing import editing_metrics, to_uint8_hwc
+from icd.evaluation.reconstruction import consistency_reconstructor, ddim_reconstructor, reconstruction_metrics
+from icd.evaluation.shapes import shape_region_color
+from icd.models.bundle import ModelBundle
+
+COLUMNS = ("mse", "psnr", "lpips", "edit_success", "background_psnr", "mask_iou", "caption_accuracy",
+           "reconstruction_nfe", "edit_nfe")
+
+
+@torch.no_grad()
+def lpips_distance(lpips, bundle: ModelBundle, images: torch.Tensor, reconstructor, captions, batch: int = 64) -> float:
+    values = []
+    for lo in range(0, len(images), batch):
+        chunk = images[lo:lo + batch]
+        out = reconstructor(bundle, bundle.encode_images(chunk), list(captions[lo:lo + batch]))
+        values.append(lpips(bundle.decode_latents(out.latents).clamp(-1, 1), chunk))
+    return float(torch.cat(values).mean())
+
+
+@torch.no_grad()
+def caption_accuracy(generate, captions: list[str], batch: int = 64) -> float:
+    """Fraction of generations whose shape colour is the caption's (``generate(prompts) -> images``)."""
+    from icd.data.shapes import parse_caption
+
+    parsed = [(c, parse_caption(c)) for c in captions]
+    parsed = [(c, p) for c, p in parsed if p is not None]
+    hits = []
+    for lo in range(0, len(parsed), batch):
+        chunk = parsed[lo:lo + batch]
+        images = to_uint8_hwc(generate([c for c, _ in chunk]))
+        hits += [shape_region_color(image, p[2]) == p[0] for image, (_, p) in zip(images, chunk)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def evaluate(bundle: ModelBundle, kind: str, images: torch.Tensor, captions: list[str], editing, lpips,
+             boundaries: Boundaries | None = None, ddim_steps: int = 50, seed: int = 0) -> dict[str, float]:
+    """All columns for one row: ``kind`` is "ddim" (the teacher, adapters off) or "consistency"."""
+    w, tau = editing.guidance, editing.tau
+    if kind == "ddim":
+        reconstructor = ddim_reconstructor(ddim_steps)
+
+        def edit_images(batch, sources, targets):
+            context = bundle.encode_prompts(list(sources) + list(targets))
+            n = len(batch)
+            inverted = samplers.ddim_invert_latents(bundle, bundle.encode_images(batch), context[:n], ddim_steps)
+            out = samplers.ddim_sample(bundle, inverted.latents, context[n:], ddim_steps, w, tau,
+                                       bundle.encode_prompts([""] * n))
+            nfe["edit"] = inverted.nfe + out.nfe
+            return bundle.decode_latents(out.latents)
+
+        def generate(prompts):
+            return samplers.ddim_generate(bundle, prompts, ddim_steps, w, generator=torch.Generator().manual_seed(seed)).images
+    elif kind == "consistency":
+        reconstructor = consistency_reconstructor(boundaries, seed=seed)
+
+        def edit_images(batch, sources, targets):
+            out = samplers.edit(bundle, sources, targets, boundaries, images=batch, guidance=w, tau=tau,
+                                generator=torch.Generator().manual_seed(seed))
+            nfe["edit"] = out.nfe
+            return out.images
+
+        def generate(prompts):
+            return samplers.generate(bundle, prompts, boundaries, w, tau,
+                                     generator=torch.Generator().manual_seed(seed)).images
+    else:
+        raise ValueError(f"kind must be 'ddim' or 'consistency', got {kind!r}")
+    nfe: dict[str, int] = {}
+    recon = reconstruction_metrics(bundle, images, captions, reconstructor)
+    with torch.no_grad():
+        edits = editing_metrics(edit_images, images, captions)
+    return {"mse": recon["mse"], "psnr": recon["psnr"],
+            "lpips": lpips_distance(lpips, bundle, images, reconstructor, captions),
+            "edit_success": edits["edit_success"], "background_psnr": edits["background_psnr"],
+            "mask_iou": edits["mask_iou"], "caption_accuracy": caption_accuracy(generate, captions),
+            "reconstruction_nfe": recon["nfe"], "edit_nfe": nfe["edit"]}
+
+
+def table_csv(rows: dict[str, dict[str, float]], lpips_name: str) -> str:
+    header = ["model", *[lpips_name if c == "lpips" else c for c in COLUMNS]]
+    lines = [",".join(header)]
+    for name, metrics in rows.items():
+        lines.append(",".join([name, *[f"{metrics[c]:.6g}" for c in COLUMNS]]))
+    return "\n".join(lines) + "\n"
+
+
+def table_png(rows: dict[str, dict[str, float]], lpips_name: str) -> bytes:
+    """The table rendered as an image (for the MLflow UI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [lpips_name if c == "lpips" else c for c in COLUMNS]
+    cells = [[f"{metrics[c]:.4g}" for c in COLUMNS] for metrics in rows.values()]
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 1.5, 0.45 * len(rows) + 0.8))
+    ax.axis("off")
+    table = ax.table(cellText=cells, rowLabels=list(rows), colLabels=columns, loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
