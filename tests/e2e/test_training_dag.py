@@ -1,0 +1,66 @@
+"""The whole DAG on the toy preset against the real stack, submitted with `ray job submit`:
+registry state after one run, nothing retrained on a second, a worse candidate refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RUN = "e2e-dag"
+TINY = [
+    "data.dataset=e2e-shapes", "data.eval_dataset=e2e-shapes-eval", "tracking.experiment=icd-e2e",
+    "train.cfg_distill.global_batch_size=16", "train.icd.global_batch_size=16", "train.cycle.global_batch_size=4",
+    *[f"train.{stage}.{key}={value}" for stage in ("cfg_distill", "icd", "cycle")
+      for key, value in (("steps", 4), ("checkpoint_every", 2), ("images_every", 4))],
+]
+
+
+def submit_dag(env: dict, *extra: str) -> dict:
+    command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
+               "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
+               *[arg for s in TINY for arg in ("--set", s)], *extra]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env):
+    env = {**os.environ, **stack_env.client_env()}
+    made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "e2e-shapes", "--count", "64",
+                           "--eval-count", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+    first = submit_dag(env)
+    assert all(first["steps"][s]["action"] == "trained" for s in ("cfg_distill", "icd", "cycle"))
+    assert set(first["evaluation"]["icd"]) == {"ddim50", "icd"} and set(first["evaluation"]["cycle"]) == {"cycle"}
+    assert first["promoted"] is True
+    champion = client.get_model_version_by_alias("icd-toy", "champion")
+    assert champion.version == first["version"] and float(champion.tags["metric.psnr"]) > 10
+    experiment = client.get_experiment_by_name("icd-e2e").experiment_id
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
+    assert {r.data.tags["icd.stage"] for r in children} == {"cfg_distill", "icd", "cycle", "evaluate_icd",
+                                                            "evaluate_cycle", "register"}
+    evaluation = next(r for r in children if r.data.tags["icd.stage"] == "evaluate_cycle")
+    assert {"ddim50.psnr", "icd.edit_success", "cycle.lpips_randvgg"} <= set(evaluation.data.metrics)
+    model = mlflow.pyfunc.load_model("models:/icd-toy@champion")
+    assert model.metadata.metadata["stage"] == "cycle"
+
+    runs_before = len(client.search_runs([experiment]))
+    again = submit_dag(env)
+    assert all(step["action"] in ("reused", "present", "champion") for step in again["steps"].values()), again["steps"]
+    assert again["version"] == first["version"]
+    assert len(client.search_runs([experiment])) == runs_before + 1  # only the new parent run
+
+    worse = submit_dag(env, "--set", "train.cycle.lr=1.0", "--stages", "cycle,evaluate_cycle,register,promote")
+    assert worse["promoted"] is False and worse["version"] != first["version"]
+    assert any("worse than the champion" in reason for reason in worse["promotion"]), worse["promotion"]
+    assert client.get_model_version_by_alias("icd-toy", "champion").version == first["version"]
+    assert client.get_model_version_by_alias("icd-toy", "challenger").version == worse["version"]
