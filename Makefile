@@ -33,8 +33,10 @@ demo: stack-up
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/check_stack.py
 	@echo "== shapes-world shards to S3 (skipped when already there)"
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/python jobs/make_shards.py --name shapes --count 20000 --eval-count 512 --skip-existing
-	@echo "== encoding latents once into the latent cache (a Ray Data job)"
-	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/encode_latents.py --config jobs/configs/toy.yaml
+	@echo "== the training DAG as a Ray job: latents -> cfg_distill -> icd -> (evaluate || cycle) -> evaluate -> register -> promote"
+	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/train_icd.py --config jobs/configs/toy.yaml
+	@echo "== editing a held-out image with models:/icd-toy@champion"
+	eval "$$($(BIN)/icd stack env)" && $(BIN)/python jobs/demo_edit.py --config jobs/configs/toy.yaml
 	@$(BIN)/icd stack status
 	@echo "MLflow UI: $$($(BIN)/icd stack env | sed -n "s/^export MLFLOW_TRACKING_URI=//p")"
 	@echo "Ray dashboard: $$($(BIN)/icd stack env | sed -n "s/^export RAY_ADDRESS=//p")"

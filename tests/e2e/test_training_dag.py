@@ -31,7 +31,7 @@ def submit_dag(env: dict, *extra: str) -> dict:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env):
+def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, tmp_path):
     env = {**os.environ, **stack_env.client_env()}
     made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "e2e-shapes", "--count", "64",
                            "--eval-count", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -53,6 +53,12 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env):
     assert {"ddim50.psnr", "icd.edit_success", "cycle.lpips_randvgg"} <= set(evaluation.data.metrics)
     model = mlflow.pyfunc.load_model("models:/icd-toy@champion")
     assert model.metadata.metadata["stage"] == "cycle"
+    demo = subprocess.run([sys.executable, "jobs/demo_edit.py", "--config", "jobs/configs/toy.yaml",
+                           "--set", "data.eval_dataset=e2e-shapes-eval", "--out", str(tmp_path / "edit.png")],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    shown = json.loads(demo.stdout.splitlines()[-1])
+    assert shown["version"] == first["version"] and shown["nfe"] == 8 and Path(shown["image"]).stat().st_size > 0
 
     runs_before = len(client.search_runs([experiment]))
     again = submit_dag(env)
