@@ -1,7 +1,6 @@
 """Gated promotion: the decision rules, and aliases in a real (SQLite) MLflow registry."""
 
 import mlflow
-import pytest
 
 from icd.config import Gate
 from icd.registry.promotion import CHALLENGER, CHAMPION, decide, promote, tag_metrics
