@@ -191,3 +191,24 @@ def test_generate_and_reconstruct_shapes_and_seeds(tiny):
     assert a.nfe == 4 and torch.equal(a.images, b.images) and a.images.shape == (2, 3, 32, 32)
     r = samplers.reconstruct(tiny, prompts, DEFAULT, images=a.images.clamp(-1, 1), generator=torch.Generator().manual_seed(0))
     assert r.nfe == 8 and torch.isfinite(r.images).all()
+
+
+def test_per_sample_guidance_in_one_batch_equals_separate_calls():
+    from icd.diffusion.guidance import batched_guidance
+
+    bundle = tiny_bundle(seed=2, guidance_dim=16)
+    add_adapters(bundle.unet, 4, 4, ["to_q", "to_v", "conv1"])
+    g = torch.Generator().manual_seed(0)
+    x0, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():  # give the w-embedding an effect
+        bundle.unet.time_embedding.cond_proj.weight.normal_(0, 0.5, generator=g)
+    ws = batched_guidance(DEFAULT.reverse_timesteps, [7.0, [0.0, 3.0, 5.0, 9.0]], [0.8, None])
+    assert ws[:, 0].tolist() == [0.0, 7.0, 7.0, 7.0] and ws[:, 1].tolist() == [0.0, 3.0, 5.0, 9.0]
+    with torch.no_grad():
+        both = samplers.consistency_decode(bundle, x0, context, DEFAULT, ws).latents
+        first = samplers.consistency_decode(bundle, x0[:1], context[:1], DEFAULT, 7.0, tau=0.8).latents
+        second = samplers.consistency_decode(bundle, x0[1:], context[1:], DEFAULT, [0.0, 3.0, 5.0, 9.0]).latents
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
+    assert not torch.allclose(first, samplers.consistency_decode(bundle, x0[:1], context[:1], DEFAULT, 0.0).latents)
+    with pytest.raises(ValueError, match="expected \\(steps, batch\\)"):
+        samplers.consistency_decode(bundle, x0, context, DEFAULT, ws[:3])

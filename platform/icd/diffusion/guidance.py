@@ -46,3 +46,12 @@ def guidance_schedule(timesteps: Sequence[int], w: float | Sequence[float], tau:
     if tau is None:
         return [float(w)] * len(timesteps)
     return [dynamic_guidance(int(t), float(w), tau, num_train_timesteps) for t in timesteps]
+
+
+def batched_guidance(timesteps: Sequence[int], guidances: Sequence, taus: Sequence[float | None],
+                     num_train_timesteps: int = 1000) -> torch.Tensor:
+    """(steps, batch) guidance: one `guidance_schedule` per sample, so requests with their own w and tau share a batch."""
+    if len(guidances) != len(taus):
+        raise ValueError(f"{len(guidances)} guidance values but {len(taus)} taus")
+    columns = [guidance_schedule(timesteps, w, tau, num_train_timesteps) for w, tau in zip(guidances, taus)]
+    return torch.tensor(columns, dtype=torch.float32).T

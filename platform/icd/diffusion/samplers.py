@@ -17,7 +17,7 @@ from icd.diffusion.guidance import cfg_combine, guidance_schedule
 from icd.diffusion.schedule import add_noise, alpha_sigma, ddim_jump, ddim_jump_timesteps
 from icd.models.bundle import FORWARD, REVERSE, ModelBundle
 
-Guidance = float | Sequence[float]
+Guidance = float | Sequence[float] | torch.Tensor  # a 2-D tensor: (steps, batch)
 
 
 @dataclass
@@ -36,9 +36,18 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 def consistency_decode(bundle: ModelBundle, x_t: torch.Tensor, context: torch.Tensor, boundaries: Boundaries,
                        guidance: Guidance = 0.0, tau: float | None = None, adapter: str | None = REVERSE,
                        ) -> SampleOutput:
-    """Reverse CD^m: from x at the first reverse timestep, one jump per segment to the clean latent."""
+    """Reverse CD^m: from x at the first reverse timestep, one jump per segment to the clean latent.
+
+    ``guidance`` is w, a per-step list, or a (steps, batch) tensor (`batched_guidance`: w per sample).
+    """
     timesteps, targets = boundaries.reverse_timesteps, boundaries.reverse_targets
-    ws = guidance_schedule(timesteps, guidance, tau, boundaries.num_train_timesteps)
+    if isinstance(guidance, torch.Tensor) and guidance.dim() == 2:
+        if guidance.shape != (len(timesteps), x_t.shape[0]):
+            raise ValueError(f"guidance tensor {tuple(guidance.shape)}: expected (steps, batch) = "
+                             f"({len(timesteps)}, {x_t.shape[0]})")
+        ws = list(guidance)
+    else:
+        ws = guidance_schedule(timesteps, guidance, tau, boundaries.num_train_timesteps)
     x = x_t
     with bundle.adapter(adapter):
         for t, s, w in zip(timesteps, targets, ws):
