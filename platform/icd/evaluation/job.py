@@ -54,3 +54,19 @@ def evaluate_stage(config: Config, manifest: dict, eval_count: int = 128, teache
     result = {"key": key, "model": manifest["output"], "lpips": lpips.name, "eval_count": len(images), "rows": rows}
     write_json(uri, result, settings)
     return {**result, "reused": False}
+
+
+def evaluate_pairs(config: Config, manifest: dict, pairs_csv: str, clip_model: str, dino_model: str,
+                   settings: S3Settings | None = None) -> dict:
+    """CLIP-T and DINOv2 similarity of the stage's edits on a CSV of (image, source, target) pairs."""
+    from icd.editing.pipeline import EditPipeline
+    from icd.evaluation.semantic import ClipTextSimilarity, DinoSimilarity, read_pairs, semantic_metrics
+
+    settings = settings or S3Settings.from_config(config.storage)
+    pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, settings=settings)
+
+    def edit(images, sources, targets):
+        return pipeline.edit(images, sources, targets, seed=config.seed).images
+
+    return semantic_metrics(edit, read_pairs(pairs_csv), ClipTextSimilarity(model_id=clip_model),
+                            DinoSimilarity(model_id=dino_model), settings=settings)
