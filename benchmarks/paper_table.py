@@ -1,7 +1,7 @@
 """Miniature of the iCD paper's Table 2 and Inverse-and-Edit's Table 1 on the toy preset.
 
     eval "$(icd stack env)"
-    python benchmarks/paper_table.py [--icd-steps 250] [--eval-count 128]
+    python benchmarks/paper_table.py [--icd-steps 120] [--eval-count 128]
 
 Trains, through the same stage runner as `jobs/train_stage.py` (Ray Train, 2 CPU workers,
 outputs in the stack's S3): cfg_distill once; icd with 2 / 3 / 4 steps without preservation
@@ -34,9 +34,9 @@ def main() -> None:
     parser.add_argument("--config", default="jobs/configs/toy.yaml")
     parser.add_argument("--run", default="paper-table")
     parser.add_argument("--cfg-steps", type=int, default=300)
-    parser.add_argument("--icd-steps", type=int, default=250)
+    parser.add_argument("--icd-steps", type=int, default=120)
     parser.add_argument("--icd-batch", type=int, default=32)
-    parser.add_argument("--cycle-steps", type=int, default=100)
+    parser.add_argument("--cycle-steps", type=int, default=60)
     parser.add_argument("--cycle-batch", type=int, default=8)
     parser.add_argument("--eval-count", type=int, default=128)
     parser.add_argument("--tau", type=float, default=0.7, help="dynamic CFG for the guided row (inversion tables: 0.7)")

@@ -51,8 +51,8 @@ def stage_identity(config: Config, stage: str) -> str:
              "train": getattr(config.train, stage).model_dump(mode="json")}
     if stage == "cfg_distill":  # boundaries and preservation weights are the later stages' business
         parts["method"] = {k: v for k, v in parts["method"].items() if k in GUIDANCE_METHOD_FIELDS}
-    # Logging cadence does not change the weights.
-    for key in ("log_every", "images_every"):
+    # Logging and checkpoint cadence do not change the weights (the draws are seeded per step).
+    for key in ("log_every", "images_every", "checkpoint_every", "keep_checkpoints"):
         parts["train"].pop(key)
     if PREVIOUS[stage]:
         parts["input"] = stage_identity(config, PREVIOUS[stage])
