@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import uuid
 from pathlib import Path
 
 import ray
@@ -37,10 +38,16 @@ def main() -> None:
     drill = None
     if args.failure_drill:
         rank, step = (int(v) for v in args.failure_drill.split(":"))
-        marker = Path(tempfile.gettempdir()) / f"icd-failure-drill-{args.stage}-{config.hash()}-{rank}-{step}"
+        # One marker per submission: the restarted worker must not die again, and a marker left by an
+        # earlier submission (same config, same machine) must not disarm this one.
+        marker = Path(tempfile.gettempdir()) / f"icd-failure-drill-{args.stage}-{rank}-{step}-{uuid.uuid4().hex}"
         drill = {"rank": rank, "step": step, "marker": str(marker)}
     ray.init()
-    manifest = run_stage(config, args.stage, run=args.run, max_failures=args.max_failures, failure_drill=drill)
+    try:
+        manifest = run_stage(config, args.stage, run=args.run, max_failures=args.max_failures, failure_drill=drill)
+    finally:
+        if drill:
+            Path(drill["marker"]).unlink(missing_ok=True)
     print(json.dumps(manifest))
 
 
