@@ -57,10 +57,12 @@ def consistency_decode(bundle: ModelBundle, x_t: torch.Tensor, context: torch.Te
 
 
 def consistency_encode(bundle: ModelBundle, x0: torch.Tensor, context: torch.Tensor, boundaries: Boundaries,
-                       generator: torch.Generator | None = None, adapter: str | None = FORWARD) -> SampleOutput:
+                       generator: torch.Generator | None = None, adapter: str | None = FORWARD,
+                       noise: torch.Tensor | None = None) -> SampleOutput:
     """Forward fCD^m (unguided): noise the clean latent to the first forward timestep (19, or 0), then jump up to 999."""
     timesteps, targets = boundaries.forward_timesteps, boundaries.forward_targets
-    x = add_noise(bundle.alphas_cumprod, x0, _noise_like(x0, generator), timesteps[0]).to(x0.dtype)
+    noise = _noise_like(x0, generator) if noise is None else noise
+    x = add_noise(bundle.alphas_cumprod, x0, noise, timesteps[0]).to(x0.dtype)
     with bundle.adapter(adapter):
         for t, s in zip(timesteps, targets):
             eps = bundle.eps(x, t, context, 0.0)

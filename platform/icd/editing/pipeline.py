@@ -78,3 +78,35 @@ class EditPipeline:
                                    images=to_model_input(images, self.resolution),
                                    generator=torch.Generator().manual_seed(seed))
         return PipelineResult(to_pictures(out.images, sizes), out.nfe)
+
+
+
+# --- batched calls for serving: one UNet pass per step for the whole batch -----------------------
+
+def per_sample_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """Noise whose i-th sample depends only on seeds[i]: a request's result does not depend on its batch."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def invert_batch(pipeline: EditPipeline, images: list[Image.Image], prompts: list[str],
+                 seeds: list[int]) -> samplers.SampleOutput:
+    """Images -> noise latents at T - 1 with the forward model (unguided)."""
+    bundle = pipeline.bundle
+    x0 = bundle.encode_images(to_model_input(images, pipeline.resolution).to(bundle.device))
+    noise = per_sample_noise(tuple(x0.shape), seeds).to(x0)
+    return samplers.consistency_encode(bundle, x0, bundle.encode_prompts(prompts), pipeline.boundaries, noise=noise)
+
+
+@torch.no_grad()
+def decode_batch(pipeline: EditPipeline, latents: torch.Tensor, prompts: list[str], guidances: list[float],
+                 taus: list[float | None]) -> samplers.SampleOutput:
+    """Noise latents -> images with the reverse model; each sample with its own w and tau."""
+    from icd.diffusion.guidance import batched_guidance
+
+    bundle, boundaries = pipeline.bundle, pipeline.boundaries
+    ws = batched_guidance(boundaries.reverse_timesteps, guidances, taus, boundaries.num_train_timesteps)
+    out = samplers.consistency_decode(bundle, latents.to(bundle.device, bundle.dtype), bundle.encode_prompts(prompts),
+                                      boundaries, ws)
+    out.images = bundle.decode_latents(out.latents)
+    return out
