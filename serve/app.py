@@ -336,7 +336,8 @@ class LatentStore:
         return load(blob)["latents"], meta
 
 
-@serve.deployment(max_ongoing_requests=32, max_queued_requests=64, backpressure_config={"retry_after_s": 1})
+@serve.deployment(max_ongoing_requests=32, max_queued_requests=64, backpressure_config={"retry_after_s": 1},
+                  ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Gateway:
     def __init__(self, editor, api_key_env: str = "ICD_SERVE_API_KEY"):

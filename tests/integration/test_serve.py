@@ -1,0 +1,112 @@
+"""The Serve application under serve.run on the toy preset, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from PIL import Image
+
+from icd.config import load_config
+from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest
+
+SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
+
+
+def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def size_of(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+@pytest.fixture(scope="module")
+def served(stack, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    for key, value in stack.client_env().items():
+        os.environ[key] = value
+    config = load_config("jobs/configs/toy.yaml")
+    root = str(tmp_path_factory.mktemp("serve-model"))
+    manifest = None
+    for stage in ("cfg_distill", "icd"):
+        paths = StagePaths.of(config, stage, "serve-test", root)
+        export_stage(build_stage_model(stage, config, manifest), paths.output)
+        manifest = make_manifest(paths, config, manifest, 0, [])
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
+    port = stack.serve_port + 100
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serve.app import build_app
+
+    serve.run(build_app({"model_uri": paths.manifest}), name="icd", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_health_and_models(served):
+    assert requests.get(f"{served}/healthz", timeout=30).json()["status"] == "ok"
+    info = requests.get(f"{served}/v1/models", timeout=30).json()
+    assert info["loaded"] and info["steps"] == 4 and info["resolution"] == 32
+
+
+def test_edit_round_trip_keeps_the_size_and_reports_8_nfe(served):
+    body = {"image": png_b64((40, 24)), "source_prompt": SOURCE, "target_prompt": TARGET}
+    out = requests.post(f"{served}/v1/edit", json=body, timeout=120).json()
+    assert out["nfe"] == 8 and size_of(out["image"]) == (40, 24) and out["model_version"]
+
+
+def test_one_inversion_serves_many_edits(served):
+    inverted = requests.post(f"{served}/v1/invert", json={"image": png_b64((33, 33)), "prompt": SOURCE},
+                             timeout=120).json()
+    assert inverted["nfe"] == 4 and len(inverted["latent_id"]) == 64
+    for target in (TARGET, "a yellow circle on a blue background"):
+        out = requests.post(f"{served}/v1/edit", json={"latent_id": inverted["latent_id"], "target_prompt": target},
+                            timeout=120).json()
+        assert out["nfe"] == 4 and size_of(out["image"]) == (33, 33)
+
+
+def test_reconstruct_and_generate(served):
+    recon = requests.post(f"{served}/v1/reconstruct", json={"image": png_b64((20, 30)), "prompt": SOURCE},
+                          timeout=120).json()
+    assert recon["nfe"] == 8 and size_of(recon["image"]) == (20, 30)
+    gen = requests.post(f"{served}/v1/generate", json={"prompt": SOURCE, "width": 64, "height": 48}, timeout=120).json()
+    assert gen["nfe"] == 4 and size_of(gen["image"]) == (64, 48)
+
+
+def test_concurrent_requests_share_batches(served):
+    before = requests.get(f"{served}/v1/models", timeout=30).json()["calls"]
+    bodies = [{"image": png_b64((32, 32), (20 * i, 40, 40)), "source_prompt": SOURCE, "target_prompt": TARGET,
+               "guidance": float(i)} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: requests.post(f"{served}/v1/edit", json=b, timeout=300), bodies))
+    assert all(r.status_code == 200 for r in results)
+    calls = requests.get(f"{served}/v1/models", timeout=30).json()["calls"] - before
+    assert calls < 2 * len(bodies), calls  # unbatched: one invert and one decode call per request
+
+
+@pytest.mark.parametrize("body,status,field", [
+    ({"image": "not base64!", "source_prompt": SOURCE, "target_prompt": TARGET}, 400, "image"),
+    ({"image": base64.b64encode(b"plain text").decode(), "source_prompt": SOURCE, "target_prompt": TARGET}, 400, "image"),
+    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": "  "}, 422, "target_prompt"),
+    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": "x" * 501}, 422, "target_prompt"),
+    ({"image": png_b64(), "source_prompt": "", "target_prompt": TARGET}, 422, "source_prompt"),
+    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "guidance": "high"}, 422, "guidance"),
+    ({"latent_id": "0" * 64, "target_prompt": TARGET}, 404, "latent_id"),
+    ({"latent_id": "abc", "target_prompt": TARGET}, 422, "latent_id"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET}, 422, "image"),
+    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "steps": 3}, 422, "steps"),
+    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "mode": "magic"}, 422, "mode"),
+])
+def test_bad_requests_get_a_4xx_naming_the_field(served, body, status, field):
+    response = requests.post(f"{served}/v1/edit", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field
