@@ -10,7 +10,6 @@ new model beside the old one and swaps them; requests in flight finish on the mo
 started with. ``Gateway`` is the HTTP API (OpenAPI at /docs) and the web page at /.
 """
 
-from __future__ import annotations
 
 import base64
 import hashlib
@@ -336,6 +335,13 @@ class LatentStore:
         return load(blob)["latents"], meta
 
 
+def _checked_source(prompt: str) -> str:
+    try:
+        return _prompt(prompt, "source_prompt")
+    except ValueError as exc:
+        raise ApiError(422, "source_prompt", str(exc)) from None
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64, backpressure_config={"retry_after_s": 1},
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
@@ -443,13 +449,6 @@ class Gateway:
                                                 body.tau)
         size = (body.width or side, body.height or side)
         return {"image": to_png(images, size), "nfe": nfe, "model_version": version}
-
-
-def _checked_source(prompt: str) -> str:
-    try:
-        return _prompt(prompt, "source_prompt")
-    except ValueError as exc:
-        raise ApiError(422, "source_prompt", str(exc)) from None
 
 
 def build_app(args: dict) -> "serve.Application":

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from icd.config import load_config
-from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest
+from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest, write_json
 
 SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
 
@@ -32,8 +32,9 @@ def served(stack, tmp_path_factory):
     import ray
     from ray import serve
 
-    for key, value in stack.client_env().items():
-        os.environ[key] = value
+    saved = dict(os.environ)
+    # S3 and MLflow of the stack; this test starts its own local Ray (so not the head's RAY_*).
+    os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
     config = load_config("jobs/configs/toy.yaml")
     root = str(tmp_path_factory.mktemp("serve-model"))
     manifest = None
@@ -41,6 +42,7 @@ def served(stack, tmp_path_factory):
         paths = StagePaths.of(config, stage, "serve-test", root)
         export_stage(build_stage_model(stage, config, manifest), paths.output)
         manifest = make_manifest(paths, config, manifest, 0, [])
+        write_json(paths.manifest, manifest)
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
     port = stack.serve_port + 100
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -50,6 +52,8 @@ def served(stack, tmp_path_factory):
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_health_and_models(served):
@@ -60,7 +64,9 @@ def test_health_and_models(served):
 
 def test_edit_round_trip_keeps_the_size_and_reports_8_nfe(served):
     body = {"image": png_b64((40, 24)), "source_prompt": SOURCE, "target_prompt": TARGET}
-    out = requests.post(f"{served}/v1/edit", json=body, timeout=120).json()
+    response = requests.post(f"{served}/v1/edit", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    out = response.json()
     assert out["nfe"] == 8 and size_of(out["image"]) == (40, 24) and out["model_version"]
 
 
