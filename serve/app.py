@@ -40,26 +40,37 @@ class LoadedModel:
     source: str
 
 
-def load_model(model_uri: str) -> LoadedModel:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` through MLflow, or a stage manifest URI."""
+def resolve(model_uri: str) -> tuple[str, str]:
+    """(name, version) that ``model_uri`` names right now."""
     if model_uri.startswith("models:/"):
         import mlflow
 
-        client = mlflow.MlflowClient()
         name, _, ref = model_uri.removeprefix("models:/").partition("@")
         if ref:
-            version = client.get_model_version_by_alias(name, ref).version
-        else:
-            name, _, version = name.partition("/")
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        return LoadedModel(model.unwrap_python_model().pipeline, name, str(version), model_uri)
-    from icd.config import load_config
-    from icd.editing.pipeline import EditPipeline
+            return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
+        name, _, version = name.partition("/")
+        return name, version
     from icd.train.stages import read_stage_manifest
 
     manifest = read_stage_manifest(model_uri)
     if manifest is None:
         raise ValueError(f"model_uri {model_uri!r}: expected models:/<name>@<alias> or a stage output with manifest.json")
+    return manifest["stage"], manifest["identity"]
+
+
+def load_model(model_uri: str) -> LoadedModel:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` through MLflow, or a stage manifest URI."""
+    name, version = resolve(model_uri)
+    if model_uri.startswith("models:/"):
+        import mlflow
+
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        return LoadedModel(model.unwrap_python_model().pipeline, name, version, model_uri)
+    from icd.config import load_config
+    from icd.editing.pipeline import EditPipeline
+    from icd.train.stages import read_stage_manifest
+
+    manifest = read_stage_manifest(model_uri)
     config = load_config(os.environ.get("ICD_SERVE_CONFIG", "jobs/configs/toy.yaml"))
     pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution)
     return LoadedModel(pipeline, manifest["stage"], manifest["identity"], model_uri)
@@ -92,8 +103,9 @@ class Editor:
             self.model = load_model(model_uri)
 
     def reconfigure(self, user_config: dict) -> None:
-        uri = user_config.get("model_uri")
-        if uri and (self.model is None or self.model.source != uri or user_config.get("reload")):
+        """Load the model ``model_uri`` names now (an alias may have moved); a no-op if it is the one served."""
+        uri = user_config.get("model_uri") or (self.model.source if self.model else None)
+        if uri and (self.model is None or resolve(uri) != (self.model.name, self.model.version)):
             self.model = load_model(uri)  # built before the swap; in-flight jobs keep their reference
 
     def info(self) -> dict:
@@ -452,9 +464,10 @@ class Gateway:
 
 
 def build_app(args: dict) -> "serve.Application":
-    """``serve deploy`` / ``serve.run`` entry: args ``model_uri`` and the Editor's deployment options."""
+    """``serve deploy`` / ``serve.run`` entry: args ``model_uri`` and optional ``editor_options`` /
+    ``gateway_options`` (deployment options, e.g. user_config, or a runtime_env with ICD_SERVE_API_KEY)."""
     editor = Editor.options(**(args.get("editor_options") or {})).bind(args.get("model_uri"))
-    return Gateway.bind(editor)
+    return Gateway.options(**(args.get("gateway_options") or {})).bind(editor)
 
 
 app = build_app

@@ -116,3 +116,83 @@ def test_bad_requests_get_a_4xx_naming_the_field(served, body, status, field):
     response = requests.post(f"{served}/v1/edit", json=body, timeout=60)
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
+
+
+def test_the_config_file_is_a_valid_serve_deploy_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(open("serve/config.yaml")))
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:app" and {d.name for d in app.deployments} == {"Gateway", "Editor"}
+    editor = next(d for d in app.deployments if d.name == "Editor")
+    assert editor.max_ongoing_requests >= 8  # at least max_batch_size
+
+
+def test_api_key_and_overload(served):
+    from ray import serve
+
+    from serve.app import build_app
+
+    key_env = {"runtime_env": {"env_vars": {"ICD_SERVE_API_KEY": "sesame"}}}
+    serve.run(build_app({"model_uri": _manifest(served), "gateway_options": {
+        "ray_actor_options": key_env, "max_ongoing_requests": 1, "max_queued_requests": 1}}),
+        name="icd", route_prefix="/")
+    body = {"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET}
+    denied = requests.post(f"{served}/v1/edit", json=body, timeout=60)
+    assert denied.status_code == 401 and denied.json()["field"] == "x-api-key"
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: requests.post(f"{served}/v1/edit", json=body, timeout=300,
+                                                        headers={"X-API-Key": "sesame"}), range(8)))
+    codes = sorted(r.status_code for r in results)
+    assert 200 in codes and 503 in codes, codes  # a bounded queue: the rest are turned away
+    assert all(r.headers.get("Retry-After") == "1" for r in results if r.status_code == 503)
+
+
+def test_moving_the_alias_swaps_the_model_without_failing_requests_in_flight(served):
+    import threading
+
+    import mlflow
+    from ray import serve
+
+    from icd.config import load_config
+    from icd.registry.model import log_edit_model
+    from icd.train.stages import read_stage_manifest
+    from serve.app import build_app
+
+    config, name = load_config("jobs/configs/toy.yaml"), "icd-serve-test"
+    manifest = read_stage_manifest(_manifest(served))
+    mlflow.set_experiment("icd-serve-test")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run():
+            versions.append(str(log_edit_model(manifest, config, registered_model=name).registered_model_version))
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "champion", versions[0])
+    uri = f"models:/{name}@champion"
+    serve.run(build_app({"model_uri": uri, "editor_options": {"user_config": {"model_uri": uri}}}),
+              name="icd", route_prefix="/")
+    assert requests.get(f"{served}/v1/models", timeout=30).json()["version"] == versions[0]
+
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        body = {"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET}
+        while not stop.is_set():
+            statuses.append(requests.post(f"{served}/v1/edit", json=body, timeout=300).status_code)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    client.set_registered_model_alias(name, "champion", versions[1])
+    serve.run(build_app({"model_uri": uri, "editor_options": {"user_config": {"model_uri": uri, "promoted": 2}}}),
+              name="icd", route_prefix="/")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert statuses and all(code == 200 for code in statuses), statuses
+    assert requests.get(f"{served}/v1/models", timeout=30).json()["version"] == versions[1]
+
+
+def _manifest(served) -> str:
+    return requests.get(f"{served}/v1/models", timeout=30).json()["source"]
