@@ -209,6 +209,14 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message, "field": exc.field}, status_code=exc.status, headers=exc.headers)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    import logging
+
+    logging.getLogger("ray.serve").exception("request failed")
+    return JSONResponse({"error": f"{type(exc).__name__}: {str(exc)[:500]}", "field": "server"}, status_code=500)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
