@@ -40,15 +40,17 @@ class LoadedModel:
     source: str
 
 
-def resolve(model_uri: str) -> tuple[str, str]:
-    """(name, version) that ``model_uri`` names right now."""
+def resolve(model_uri: str, pinned: str | None = None) -> tuple[str, str]:
+    """(name, version) that ``model_uri`` names right now, or at the ``pinned`` registry version."""
     if model_uri.startswith("models:/"):
         import mlflow
 
         name, _, ref = model_uri.removeprefix("models:/").partition("@")
+        name, _, version = name.partition("/")
+        if pinned:
+            return name, str(pinned)
         if ref:
             return name, str(mlflow.MlflowClient().get_model_version_by_alias(name, ref).version)
-        name, _, version = name.partition("/")
         return name, version
     from icd.train.stages import read_stage_manifest
 
@@ -58,9 +60,12 @@ def resolve(model_uri: str) -> tuple[str, str]:
     return manifest["stage"], manifest["identity"]
 
 
-def load_model(model_uri: str) -> LoadedModel:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` through MLflow, or a stage manifest URI."""
-    name, version = resolve(model_uri)
+def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` through MLflow, or a stage manifest URI.
+
+    ``version`` pins the registry version an alias was resolved to by whoever deployed the config.
+    """
+    name, version = resolve(model_uri, version)
     if model_uri.startswith("models:/"):
         import mlflow
 
@@ -103,10 +108,17 @@ class Editor:
             self.model = load_model(model_uri)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Load the model ``model_uri`` names now (an alias may have moved); a no-op if it is the one served."""
+        """Serve ``user_config.model_uri`` (at ``model_version`` when given; else what the alias names now).
+
+        A no-op when that is the model served. The new model is built before the swap; requests in
+        flight keep their reference to the old one and finish on it.
+        """
         uri = user_config.get("model_uri") or (self.model.source if self.model else None)
-        if uri and (self.model is None or resolve(uri) != (self.model.name, self.model.version)):
-            self.model = load_model(uri)  # built before the swap; in-flight jobs keep their reference
+        if not uri:
+            return
+        pinned = user_config.get("model_version")
+        if self.model is None or resolve(uri, pinned) != (self.model.name, self.model.version):
+            self.model = load_model(uri, pinned)
 
     def info(self) -> dict:
         if self.model is None:

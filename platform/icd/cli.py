@@ -1,4 +1,5 @@
-"""The ``icd`` command: ``icd stack ...`` for the local stack, ``icd config show`` for configs."""
+"""The ``icd`` command: ``icd stack ...`` for the local stack, ``icd serve ...`` for the Serve app on it,
+``icd config show`` for configs."""
 
 from __future__ import annotations
 
@@ -53,6 +54,22 @@ def _stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from icd.stack import serving
+
+    settings = _stack_settings()
+    if args.action == "up":
+        info = serving.up(settings, Path(args.config), model_uri=args.model_uri)
+        print(serving.describe(info))
+        print(f"serving {info.get('name')} version {info.get('version')} at {info['url']} (API docs: {info['docs']})")
+    elif args.action == "down":
+        serving.down(settings)
+        print("Serve applications deleted; the stack keeps running")
+    elif args.action == "status":
+        print(serving.describe(serving.status(settings)))
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from icd.config import load_config
 
@@ -71,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_stack.add_argument("--env-file", default=".env", help="for init-env: where to write (default .env)")
     p_stack.add_argument("--force", action="store_true", help="for init-env: overwrite an existing file")
     p_stack.set_defaults(func=_stack)
+
+    p_serve = sub.add_parser("serve", help="the Serve application (serve/config.yaml) on the local stack")
+    p_serve.add_argument("action", choices=["up", "down", "status"])
+    p_serve.add_argument("--config", default=str(Path("serve") / "config.yaml"),
+                         help="a Serve config (default serve/config.yaml)")
+    p_serve.add_argument("--model-uri", help="serve this model instead of the config's user_config.model_uri "
+                                              "(models:/<name>@<alias>, models:/<name>/<version> or a stage output)")
+    p_serve.set_defaults(func=_serve)
 
     p_config = sub.add_parser("config", help="configs")
     p_config.add_argument("action", choices=["show"])

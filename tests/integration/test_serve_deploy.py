@@ -1,0 +1,168 @@
+"""`icd serve up` on the stack's Ray head: `serve deploy` of serve/config.yaml with the code
+fetched from S3, a model from the MLflow registry, the alias moved under traffic (an in-place
+`reconfigure`, no failed request), and the web page driven in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from icd.config import load_config
+from icd.stack import serving
+from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest, write_json
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "icd-serve-deploy-test"
+URI = f"models:/{MODEL}@champion"
+SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def registered(stack_module_env, tmp_path_factory) -> list[str]:
+    """Two registry versions of a freshly initialised toy model; champion -> the first."""
+    import mlflow
+
+    from icd.registry.model import log_edit_model
+
+    config = load_config(REPO / "jobs/configs/toy.yaml")
+    root = str(tmp_path_factory.mktemp("deploy-model"))
+    manifest = None
+    for stage in ("cfg_distill", "icd"):
+        paths = StagePaths.of(config, stage, "deploy-test", root)
+        export_stage(build_stage_model(stage, config, manifest), paths.output)
+        manifest = make_manifest(paths, config, manifest, 0, [])
+        write_json(paths.manifest, manifest)
+    mlflow.set_experiment("icd-serve-deploy-test")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run():
+            versions.append(str(log_edit_model(manifest, config, registered_model=MODEL).registered_model_version))
+    mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", versions[0])
+    return versions
+
+
+@pytest.fixture(scope="module")
+def stack_module_env(stack):
+    saved = dict(os.environ)
+    os.environ.update(stack.client_env())
+    yield stack
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack_module_env, registered):
+    info = serving.up(stack_module_env, REPO / "serve/config.yaml", model_uri=URI)
+    yield info
+    serving.down(stack_module_env)
+
+
+def test_up_serves_the_champion_with_code_fetched_from_s3(deployed, registered, stack):
+    assert deployed["version"] == registered[0] and deployed["name"] == MODEL
+    assert deployed["url"] == stack.serve_url
+    app = serving.status(stack)["applications"]["icd"]
+    assert app["status"] == "RUNNING"
+    assert requests.get(f"{stack.serve_url}/docs", timeout=30).ok  # OpenAPI UI
+    paths = requests.get(f"{stack.serve_url}/openapi.json", timeout=30).json()["paths"]
+    assert {"/v1/edit", "/v1/invert", "/v1/reconstruct", "/v1/generate", "/v1/models", "/healthz"} <= set(paths)
+
+
+def test_moving_the_alias_and_deploying_again_swaps_in_place_without_failing_requests(deployed, registered, stack):
+    import mlflow
+
+    url = stack.serve_url
+    body = {"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET}
+    assert requests.post(f"{url}/v1/edit", json=body, timeout=300).status_code == 200
+    calls_before = requests.get(f"{url}/v1/models", timeout=30).json()["calls"]
+
+    outcomes, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            response = requests.post(f"{url}/v1/edit", json=body, timeout=300)
+            outcomes.append((response.status_code, response.json().get("model_version"), response.text[:300]))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    while len(outcomes) < 3:  # requests are flowing on the old version
+        threading.Event().wait(0.2)
+    mlflow.MlflowClient().set_registered_model_alias(MODEL, "champion", registered[1])
+    info = serving.up(stack, REPO / "serve/config.yaml", model_uri=URI)
+    while not any(version == registered[1] for _, version, _ in outcomes):
+        threading.Event().wait(0.2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+
+    assert info["version"] == registered[1]
+    assert [o for o in outcomes if o[0] != 200] == []
+    served_versions = [version for _, version, _ in outcomes]
+    assert registered[0] in served_versions and registered[1] in served_versions
+    # Same replica: its model-call counter kept counting (a restarted replica starts again at 0).
+    assert requests.get(f"{url}/v1/models", timeout=30).json()["calls"] > calls_before
+
+
+def test_up_again_with_nothing_moved_changes_nothing(deployed, stack):
+    before = requests.get(f"{stack.serve_url}/v1/models", timeout=30).json()
+    after = serving.up(stack, REPO / "serve/config.yaml", model_uri=URI)
+    assert (after["version"], after["calls"]) == (before["version"], before["calls"])
+
+
+def test_the_web_page_edits_an_uploaded_image_in_chromium(deployed, stack, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    picture = tmp_path / "upload.png"
+    Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(stack.serve_url + "/")
+        assert page.is_disabled("#run")
+        page.set_input_files("#file", str(picture))
+        page.wait_for_function("!document.getElementById('run').disabled")
+        page.fill("#target", "a yellow circle on a blue background")
+        page.fill("#guidance", "11")  # a range input takes fill() as its value
+        assert page.inner_text("#guidance-value") == "11"
+        page.click("#run")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=120_000)
+        status = page.inner_text("#status")
+        sizes = page.evaluate("['original', 'reconstruction', 'edit'].map(id => { const i = document.getElementById(id);"
+                              " return [i.naturalWidth, i.naturalHeight]; })")
+        browser.close()
+    assert "8 UNet passes" in status, status
+    assert sizes == [[48, 40]] * 3  # original / reconstruction / edit side by side, at the input's size
+
+
+def test_the_web_page_shows_an_api_error(deployed, stack, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    picture = tmp_path / "upload.png"
+    Image.new("RGB", (16, 16), (0, 0, 0)).save(picture)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.goto(stack.serve_url + "/")
+        page.set_input_files("#file", str(picture))
+        page.fill("#target", "   ")
+        page.click("#run")
+        page.wait_for_selector("#status.error", timeout=60_000)
+        message = page.inner_text("#status")
+        browser.close()
+    assert message.startswith("target_prompt:"), message
