@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit stack-up stack-down lock clean
+.PHONY: install demo test test-unit stack-up stack-down browser lock clean
 
 install: $(STAMP)
 
@@ -37,11 +37,21 @@ demo: stack-up
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/train_icd.py --config jobs/configs/toy.yaml
 	@echo "== editing a held-out image with models:/icd-toy@champion"
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/python jobs/demo_edit.py --config jobs/configs/toy.yaml
+	@echo "== serving models:/icd-toy@champion with Ray Serve (serve/config.yaml)"
+	$(BIN)/icd serve up
 	@$(BIN)/icd stack status
 	@echo "MLflow UI: $$($(BIN)/icd stack env | sed -n "s/^export MLFLOW_TRACKING_URI=//p")"
 	@echo "Ray dashboard: $$($(BIN)/icd stack env | sed -n "s/^export RAY_ADDRESS=//p")"
 
-test: install
+# The web page test drives Debian's chromium through Playwright (no browser download).
+browser:
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (apt) for the web page test"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo -n); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "the web page test needs /usr/bin/chromium: apt-get install chromium"; exit 1; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
 test-unit: install

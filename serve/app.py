@@ -28,6 +28,10 @@ from ray.serve.exceptions import BackPressureError
 PAGE = Path(__file__).with_name("page.html")
 MAX_PIXELS = int(os.environ.get("ICD_SERVE_MAX_PIXELS", 4096 * 4096))
 MAX_PROMPT_CHARS = 500
+# Batch queue defaults; user_config max_batch_size / batch_wait_timeout_s change them per deployment.
+# No wait by default: under load the requests that arrive during a batch form the next one anyway,
+# and at low load a 20 ms wait cost ~100 ms per call here (measured through a handle on the toy preset).
+MAX_BATCH_SIZE, BATCH_WAIT_S = 8, 0.0
 
 
 # --- the model deployment ----------------------------------------------------------------------
@@ -83,10 +87,11 @@ def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
 
 @dataclass
 class Job:
-    kind: str  # "invert", "decode"
+    kind: str  # "invert", "decode", or an edit mode
     image: object = None  # PIL image (invert)
     latents: object = None  # (1, C, h, w) tensor (decode)
-    prompt: str = ""
+    prompt: str = ""  # the source prompt of an edit
+    target: str = ""
     guidance: float = 0.0
     tau: float | None = None
     seed: int = 0
@@ -104,6 +109,7 @@ class Editor:
     def __init__(self, model_uri: str | None = None):
         self.model: LoadedModel | None = None
         self.calls = 0  # batched model calls, for tests and metrics
+        self.max_batch_size = MAX_BATCH_SIZE
         if model_uri:
             self.model = load_model(model_uri)
 
@@ -113,12 +119,28 @@ class Editor:
         A no-op when that is the model served. The new model is built before the swap; requests in
         flight keep their reference to the old one and finish on it.
         """
+        self._set_batching(user_config)
         uri = user_config.get("model_uri") or (self.model.source if self.model else None)
         if not uri:
             return
         pinned = user_config.get("model_version")
         if self.model is None or resolve(uri, pinned) != (self.model.name, self.model.version):
             self.model = load_model(uri, pinned)
+
+    def _set_batching(self, user_config: dict) -> None:
+        """``user_config.max_batch_size`` / ``batch_wait_timeout_s``: the knobs of every batch queue."""
+        size, wait = user_config.get("max_batch_size"), user_config.get("batch_wait_timeout_s")
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"user_config.max_batch_size: expected an integer >= 1, got {size!r}")
+        if wait is not None and (not isinstance(wait, (int, float)) or wait < 0):
+            raise ValueError(f"user_config.batch_wait_timeout_s: expected seconds >= 0, got {wait!r}")
+        for queue in (self.invert, self.decode, self.edits):
+            if size is not None:
+                queue.set_max_batch_size(size)
+            if wait is not None:
+                queue.set_batch_wait_timeout_s(float(wait))
+        if size is not None:
+            self.max_batch_size = size
 
     def info(self) -> dict:
         if self.model is None:
@@ -127,9 +149,10 @@ class Editor:
         unet = pipeline.bundle.unet.config
         return {"loaded": True, "name": self.model.name, "version": self.model.version, "source": self.model.source,
                 "resolution": pipeline.resolution, "steps": len(pipeline.boundaries.reverse_timesteps),
-                "latent_size": unet.sample_size, "latent_channels": unet.in_channels, "calls": self.calls}
+                "latent_size": unet.sample_size, "latent_channels": unet.in_channels, "calls": self.calls,
+                "max_batch_size": self.max_batch_size}
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def invert(self, jobs: list[Job]) -> list[tuple]:
         from icd.editing.pipeline import invert_batch
 
@@ -139,7 +162,7 @@ class Editor:
             return [(out.latents[i:i + 1].cpu(), out.nfe) for i in range(len(group))]
         return self._by_model(jobs, run)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def decode(self, jobs: list[Job]) -> list[tuple]:
         import torch
 
@@ -179,28 +202,44 @@ class Editor:
                                             model=model))
         return images, nfe, model.version
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def edit_modes(self, jobs: list[Job]) -> list[tuple]:
-        """p2p / guided edits: requests with the same mode, w, tau and seed run as one batch."""
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def edits(self, jobs: list[Job]) -> list[tuple]:
+        """Edits of images in one call: inversion and decoding without a second queue or hop.
+
+        ``switch`` edits share one batch whatever their w, tau and seed (per-sample guidance);
+        ``p2p`` / ``guided`` edits share one when their mode, w, tau and seed match.
+        """
+        from icd.editing.pipeline import decode_batch, invert_batch, to_pictures
+
         results: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault((id(job.model), job.kind, job.guidance, job.tau, job.seed), []).append(i)
-        for (_, mode, guidance, tau, seed), indices in groups.items():
+            key = (id(job.model), "switch") if job.kind == "switch" else \
+                (id(job.model), job.kind, job.guidance, job.tau, job.seed)
+            groups.setdefault(key, []).append(i)
+        for key, indices in groups.items():
             self.calls += 1
             group = [jobs[i] for i in indices]
-            out = group[0].model.pipeline.edit([j.image for j in group], [j.prompt for j in group],
-                                               [j.latents for j in group], guidance=guidance, tau=tau, mode=mode,
-                                               seed=seed)
-            for i, image in zip(indices, out.images):
-                results[i] = (image, out.nfe)
+            pipeline = group[0].model.pipeline
+            if key[1] == "switch":
+                inverted = invert_batch(pipeline, [j.image for j in group], [j.prompt for j in group],
+                                        [j.seed for j in group])
+                out = decode_batch(pipeline, inverted.latents, [j.target for j in group], [j.guidance for j in group],
+                                   [j.tau for j in group])
+                pictures, nfe = to_pictures(out.images, [j.image.size for j in group]), inverted.nfe + out.nfe
+            else:
+                out = pipeline.edit([j.image for j in group], [j.prompt for j in group], [j.target for j in group],
+                                    guidance=key[2], tau=key[3], mode=key[1], seed=key[4])
+                pictures, nfe = out.images, out.nfe
+            for i, picture in zip(indices, pictures):
+                results[i] = (picture, nfe)
         return results
 
-    async def run_mode_edit(self, image, source: str, target: str, guidance: float, tau, seed: int, mode: str) -> tuple:
+    async def run_edit(self, image, source: str, target: str, guidance: float, tau, seed: int, mode: str) -> tuple:
+        """One edit of an image -> (picture at the image's size, NFE, model version)."""
         model = self.current()
-        # Job.latents carries the target prompt here: one Job type for every batch queue.
-        picture, nfe = await self.edit_modes(Job(mode, image=image, prompt=source, latents=target, guidance=guidance,
-                                                 tau=tau, seed=seed, model=model))
+        picture, nfe = await self.edits(Job(mode, image=image, prompt=source, target=target, guidance=guidance,
+                                            tau=tau, seed=seed, model=model))
         return picture, nfe, model.version
 
 
@@ -314,9 +353,13 @@ def decode_image(data: str, field: str = "image"):
 
 
 def to_png(images, size: tuple[int, int]) -> str:
+    """The first image of a (B, 3, h, w) batch in [-1, 1] as base64 PNG at ``size``."""
     from icd.editing.pipeline import to_pictures
 
-    picture = to_pictures(images, [size])[0]
+    return png_of(to_pictures(images, [size])[0])
+
+
+def png_of(picture) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -427,43 +470,35 @@ class Gateway:
     @api.post("/v1/edit")
     async def edit(self, body: EditBody, x_api_key: str | None = Header(None)) -> dict:
         self._check_key(x_api_key)
-        self._check_steps(body.steps, await self._model())
+        if body.steps is not None:
+            self._check_steps(body.steps, await self._model())
         if (body.image is None) == (body.latent_id is None):
             raise ApiError(422, "image", "give exactly one of image or latent_id")
+        if body.image is not None:  # one call: invert + decode in the Editor's edit batch
+            image = decode_image(body.image)
+            picture, nfe, version = await self._call("run_edit", image, _checked_source(body.source_prompt),
+                                                     body.target_prompt, body.guidance, body.tau, body.seed,
+                                                     body.mode)
+            return {"image": png_of(picture), "nfe": nfe, "model_version": version, "mode": body.mode}
         if body.mode != "switch":
-            if body.image is None:
-                raise ApiError(422, "mode", f"mode {body.mode} needs the image (it re-inverts with attention control)")
-            image = decode_image(body.image)
-            source = _checked_source(body.source_prompt)
-            picture, nfe, version = await self._call("run_mode_edit", image, source, body.target_prompt,
-                                                     body.guidance, body.tau, body.seed, body.mode)
-            buffer = io.BytesIO()
-            picture.resize(image.size).save(buffer, format="PNG")
-            return {"image": base64.b64encode(buffer.getvalue()).decode(), "nfe": nfe, "model_version": version,
-                    "mode": body.mode}
-        nfe_invert = 0
-        if body.latent_id is not None:
-            latents, meta = self.latents.get(body.latent_id)
-            size = (int(meta.get("width", 0)), int(meta.get("height", 0)))
-            info = await self._model()
-            if meta.get("version") != info.get("version"):
-                raise ApiError(409, "latent_id", f"made by model version {meta.get('version')}, serving "
-                                                 f"{info.get('version')}: invert again")
-        else:
-            image = decode_image(body.image)
-            size = image.size
-            latents, nfe_invert, _ = await self._call("run_invert", image, _checked_source(body.source_prompt),
-                                                      body.seed)
+            raise ApiError(422, "mode", f"mode {body.mode} needs the image (it re-inverts with attention control)")
+        latents, meta = self.latents.get(body.latent_id)
+        info = await self._model()
+        if meta.get("version") != info.get("version"):
+            raise ApiError(409, "latent_id", f"made by model version {meta.get('version')}, serving "
+                                             f"{info.get('version')}: invert again")
         images, nfe, version = await self._call("run_decode", latents, body.target_prompt, body.guidance, body.tau)
-        return {"image": to_png(images, size), "nfe": nfe_invert + nfe, "model_version": version, "mode": "switch"}
+        size = (int(meta.get("width", 0)), int(meta.get("height", 0)))
+        return {"image": to_png(images, size), "nfe": nfe, "model_version": version, "mode": "switch"}
 
     @api.post("/v1/reconstruct")
     async def reconstruct(self, body: ReconstructBody, x_api_key: str | None = Header(None)) -> dict:
+        """Invert and decode with the same prompt, unguided: an edit whose target is its source."""
         self._check_key(x_api_key)
         image = decode_image(body.image)
-        latents, nfe_invert, _ = await self._call("run_invert", image, body.prompt, body.seed)
-        images, nfe, version = await self._call("run_decode", latents, body.prompt, 0.0, None)
-        return {"image": to_png(images, image.size), "nfe": nfe_invert + nfe, "model_version": version}
+        picture, nfe, version = await self._call("run_edit", image, body.prompt, body.prompt, 0.0, None, body.seed,
+                                                 "switch")
+        return {"image": png_of(picture), "nfe": nfe, "model_version": version}
 
     @api.post("/v1/generate")
     async def generate(self, body: GenerateBody, x_api_key: str | None = Header(None)) -> dict:
