@@ -76,12 +76,14 @@ def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         return LoadedModel(model.unwrap_python_model().pipeline, name, version, model_uri)
     from icd.config import load_config
-    from icd.editing.pipeline import EditPipeline
+    from icd.editing.pipeline import EditPipeline, inference_placement
     from icd.train.stages import read_stage_manifest
 
     manifest = read_stage_manifest(model_uri)
     config = load_config(os.environ.get("ICD_SERVE_CONFIG", "jobs/configs/toy.yaml"))
-    pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution)
+    device, dtype = inference_placement(config.model.mixed_precision)
+    pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, device=device,
+                                          dtype=dtype)
     return LoadedModel(pipeline, manifest["stage"], manifest["identity"], model_uri)
 
 

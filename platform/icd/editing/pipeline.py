@@ -41,16 +41,23 @@ def to_pictures(images: torch.Tensor, sizes: list[tuple[int, int]]) -> list[Imag
             for a, size in zip(arrays, sizes)]
 
 
+def inference_placement(mixed_precision: str) -> tuple[str, torch.dtype]:
+    """Where a served model runs: on the GPU in the config's half precision when one is visible, else CPU fp32."""
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    return "cuda", {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
 class EditPipeline:
     def __init__(self, bundle: ModelBundle, boundaries: Boundaries, editing: EditingConfig, resolution: int):
         self.bundle, self.boundaries, self.editing, self.resolution = bundle, boundaries, editing, resolution
 
     @classmethod
     def from_manifest(cls, manifest: dict, editing: EditingConfig, resolution: int, device: str = "cpu",
-                      settings=None) -> "EditPipeline":
+                      settings=None, dtype: torch.dtype = torch.float32) -> "EditPipeline":
         from icd.train.stages import load_stage_bundle
 
-        bundle = load_stage_bundle(manifest, device=device, settings=settings)
+        bundle = load_stage_bundle(manifest, device=device, dtype=dtype, settings=settings)
         boundaries = Boundaries(tuple(manifest["boundaries"]["reverse"]), tuple(manifest["boundaries"]["forward"]))
         return cls(bundle, boundaries, editing, resolution)
 

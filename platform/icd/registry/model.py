@@ -82,7 +82,7 @@ class ICDEditModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from icd.config import load_config
-        from icd.editing.pipeline import EditPipeline
+        from icd.editing.pipeline import EditPipeline, inference_placement
 
         root = Path(context.artifacts["icd_model"])
         config = load_config(root / CONFIG_FILE)
@@ -92,7 +92,9 @@ class ICDEditModel(mlflow.pyfunc.PythonModel):
             manifest["unet"] = str(model_dir / manifest["unet"])
         manifest["adapters"] = {k: str(model_dir / v) for k, v in manifest["adapters"].items()}
         self.config = config
-        self.pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution)
+        device, dtype = inference_placement(config.model.mixed_precision)  # a GPU Serve replica: cuda, bf16
+        self.pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, device=device,
+                                                   dtype=dtype)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         missing = {"image", "source_prompt", "target_prompt"} - set(model_input.columns)
