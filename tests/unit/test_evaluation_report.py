@@ -41,3 +41,25 @@ def test_caption_accuracy_reads_the_colour_back():
     assert caption_accuracy(oracle, [s.caption for s in samples]) == 1.0
     blank = lambda prompts: torch.zeros(len(prompts), 3, 32, 32)  # noqa: E731 (grey: never the caption's colour)
     assert caption_accuracy(blank, [s.caption for s in samples]) == 0.0
+
+
+def test_real_photo_captions_get_the_reconstruction_columns_only():
+    """LAION-style captions: no shapes-world edit to score, so no edit or caption columns (not a crash)."""
+    from icd.evaluation.report import SHAPES_WORLD_COLUMNS, is_shapes_world
+
+    bundle = tiny_bundle(seed=0, guidance_dim=16)
+    add_adapters(bundle.unet, 4, 4, ["to_q", "to_v"])
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    captions = ["a dog on a beach at sunset", "portrait of an old man, oil painting", "a red circle on a blue background"]
+    assert not is_shapes_world(captions) and is_shapes_world(captions[2:])
+    lpips = PatchLPIPS(pretrained_backbone=False)
+    boundaries = Boundaries((999, 779, 519, 259), (19, 259, 519, 779))
+    row = evaluate(bundle, "consistency", images, captions, EditingConfig(), lpips, boundaries)
+    assert set(row) == set(COLUMNS) - set(SHAPES_WORLD_COLUMNS) and row["reconstruction_nfe"] == 8
+    shapes = [random_sample(s) for s in range(2)]
+    shapes_images = torch.from_numpy(np.stack([s.image for s in shapes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rows = {"laion": row, "shapes": evaluate(bundle, "consistency", shapes_images, [s.caption for s in shapes],
+                                             EditingConfig(), lpips, boundaries)}
+    header, laion, _ = table_csv(rows, lpips.name).splitlines()
+    assert header.split(",")[4] == "edit_success" and laion.split(",")[4] == ""  # a blank cell, not a crash
+    assert table_png(rows, lpips.name)[:8] == b"\x89PNG\r\n\x1a\n"
