@@ -14,7 +14,7 @@ from PIL import Image
 
 from icd.data.latent_cache import build_latent_cache, cache_uri, model_hash, read_latent_cache
 from icd.data.preprocess import SampleFilter, to_model_range
-from icd.data.reader import PreprocessOptions, counts, preprocess, read_laion_parquet, read_raw
+from icd.data.reader import PreprocessOptions, counts, preprocess, preprocess_shards, read_laion_parquet, read_raw
 from icd.data.feeding import epoch_batches
 from icd.data.shards import ShardSample, write_dataset
 from icd.data.shapes import random_sample
@@ -133,6 +133,14 @@ def test_poisoned_shard_yields_every_good_sample_and_counts_the_bad(stack_env, r
     a = 128 / 255
     expected_alpha = random_sample(99).image.astype(np.float64) * a + 255 * (1 - a)
     assert np.abs(rows["alpha"]["pixels"].transpose(1, 2, 0) - expected_alpha).max() <= 1.0
+
+    # The fused path training uses (actors split whole tars) yields the same rows and counts.
+    fused_options = PreprocessOptions(resolution=32, sample_filter=SampleFilter(min_side=8), counter_name="fused")
+    fused = _collect(preprocess_shards(uri, fused_options, batch_size=4))
+    assert set(fused) == set(rows) and counts("fused") == counts("poisoned")
+    for key, row in rows.items():
+        assert np.array_equal(fused[key]["pixels"], row["pixels"]) and fused[key]["caption"] == row["caption"]
+        assert np.array_equal(fused[key]["input_ids"], row["input_ids"])
 
 
 def test_filters_keep_and_drop_what_they_should(stack_env, ray_local):

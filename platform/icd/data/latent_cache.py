@@ -17,7 +17,7 @@ import ray
 import torch
 
 from icd.data.preprocess import to_model_range
-from icd.data.reader import PreprocessOptions, counts, preprocess, read_raw
+from icd.data.reader import PreprocessOptions, counts, preprocess_shards
 from icd.storage import S3Settings, filesystem_for, read_json
 
 MANIFEST = "_manifest.json"
@@ -78,7 +78,7 @@ def build_latent_cache(dataset_uri: str, out_uri: str, base: str, options: Prepr
     fs, root = filesystem_for(out_uri, settings)
     fs.delete_dir_contents(root, missing_dir_ok=True)  # a partial earlier attempt
     # Half a CPU each for the two actor pools, so the read tasks always find a CPU.
-    examples = preprocess(read_raw(dataset_uri, settings), options, cpus_per_actor=0.5)
+    examples = preprocess_shards(dataset_uri, options, settings, cpus_per_actor=0.5)
     encoded = examples.map_batches(
         LatentEncoder, fn_constructor_args=(base, revision, "cuda" if use_gpu else "cpu"), batch_size=64,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),

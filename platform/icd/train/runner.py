@@ -29,10 +29,10 @@ def training_dataset(config: Config, settings: S3Settings) -> tuple[ray.data.Dat
         cache = ensure_latent_cache(config, settings=settings)["cache"]
         return read_latent_cache(cache, settings), "latents"
     from icd.data.latent_cache import dataset_uri
-    from icd.data.reader import PreprocessOptions, preprocess, read_raw
+    from icd.data.reader import PreprocessOptions, preprocess_shards
 
-    raw = read_raw(dataset_uri(config, settings=settings), settings, shuffle_seed=config.data.shuffle_seed)
-    return preprocess(raw, PreprocessOptions.from_config(config), cpus_per_actor=0.5), "raw"
+    return preprocess_shards(dataset_uri(config, settings=settings), PreprocessOptions.from_config(config), settings,
+                             shuffle_seed=config.data.shuffle_seed, cpus_per_actor=0.5), "raw"
 
 
 def preview_batch(dataset: ray.data.Dataset, kind: str) -> dict:
