@@ -42,9 +42,11 @@ def test_each_sample_of_a_batch_equals_its_request_alone(fp32):
     decoded = decode_batch(fp32, together, PROMPTS, guidances, taus).images
     for i in range(3):
         alone = invert_batch(fp32, [images[i]], [PROMPTS[i]], [seeds[i]]).latents
-        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-4)
+        # Batched and single convolutions sum in another order (~1e-4 apart); a mixed-up seed, w or
+        # tau moves a sample by O(1).
+        torch.testing.assert_close(together[i:i + 1], alone, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(decoded[i:i + 1], decode_batch(fp32, alone, [PROMPTS[i]], [guidances[i]],
-                                                                   [taus[i]]).images, atol=1e-4, rtol=1e-4)
+                                                                   [taus[i]]).images, atol=1e-3, rtol=1e-3)
 
 
 def test_per_sample_guidance_and_seed_change_only_their_sample(fp32):
@@ -52,10 +54,10 @@ def test_per_sample_guidance_and_seed_change_only_their_sample(fp32):
     latents = invert_batch(fp32, images, PROMPTS[:2], [0, 0]).latents
     base = decode_batch(fp32, latents, PROMPTS[:2], [7.0, 7.0], [0.8, 0.8]).images
     other = decode_batch(fp32, latents, PROMPTS[:2], [7.0, 19.0], [0.8, 0.8]).images
-    torch.testing.assert_close(other[0], base[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(other[0], base[0], atol=1e-3, rtol=1e-3)
     assert (other[1] - base[1]).abs().max() > 1e-3
     reseeded = invert_batch(fp32, images, PROMPTS[:2], [0, 1]).latents
-    torch.testing.assert_close(reseeded[0], latents[0])
+    torch.testing.assert_close(reseeded[0], latents[0], atol=1e-3, rtol=1e-3)
     assert (reseeded[1] - latents[1]).abs().max() > 1e-3
 
 
