@@ -53,19 +53,6 @@ def png_b64(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def fresh_model_manifest(config) -> dict:
-    """A toy cfg_distill -> icd model initialised from the shipped toy base (speed does not depend on training)."""
-    from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest, write_json
-
-    root, manifest = tempfile.mkdtemp(prefix="serve-load-"), None
-    for stage in ("cfg_distill", "icd"):
-        paths = StagePaths.of(config, stage, "serve-load", root)
-        export_stage(build_stage_model(stage, config, manifest), paths.output)
-        manifest = make_manifest(paths, config, manifest, 0, [])
-        write_json(paths.manifest, manifest)
-    return manifest
-
-
 def load(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float], list[dict]]:
     """Send every body with ``clients`` concurrent clients: (requests/s, latencies in ms, responses)."""
     import requests
@@ -99,13 +86,14 @@ def main() -> None:
 
     from icd.config import load_config
     from icd.editing.pipeline import EditPipeline
-    from icd.train.stages import read_stage_manifest
+    from icd.train.stages import export_untrained, read_stage_manifest
     from serve.app import build_app
 
     # The Gateway's latent store needs a bucket name; /v1/invert (the only writer) is not exercised here.
     os.environ.setdefault("ICD_BUCKET", "icd")
     config = load_config(args.config)
-    manifest = read_stage_manifest(args.manifest) if args.manifest else fresh_model_manifest(config)
+    manifest = (read_stage_manifest(args.manifest) if args.manifest
+                else export_untrained(config, "serve-load", tempfile.mkdtemp(prefix="serve-load-")))
     images = [test_image(i) for i in range(max(args.requests, args.single))]
     bodies = [{"image": png_b64(image), "source_prompt": SOURCE, "target_prompt": TARGET, "guidance": 7.0,
                "seed": i} for i, image in enumerate(images)]

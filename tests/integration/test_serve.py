@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from icd.config import load_config
-from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest, write_json
+from icd.train.stages import export_untrained
 
 SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
 
@@ -36,19 +36,13 @@ def served(stack, tmp_path_factory):
     # S3 and MLflow of the stack; this test starts its own local Ray (so not the head's RAY_*).
     os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
     config = load_config("jobs/configs/toy.yaml")
-    root = str(tmp_path_factory.mktemp("serve-model"))
-    manifest = None
-    for stage in ("cfg_distill", "icd"):
-        paths = StagePaths.of(config, stage, "serve-test", root)
-        export_stage(build_stage_model(stage, config, manifest), paths.output)
-        manifest = make_manifest(paths, config, manifest, 0, [])
-        write_json(paths.manifest, manifest)
+    manifest = export_untrained(config, "serve-test", str(tmp_path_factory.mktemp("serve-model")))
     ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
     port = stack.serve_port + 100
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from serve.app import build_app
 
-    serve.run(build_app({"model_uri": paths.manifest}), name="icd", route_prefix="/")
+    serve.run(build_app({"model_uri": f"{manifest['output']}/manifest.json"}), name="icd", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from icd.config import load_config
 from icd.stack import serving
-from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest, write_json
+from icd.train.stages import export_untrained
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "icd-serve-deploy-test"
@@ -39,13 +39,7 @@ def registered(stack_module_env, tmp_path_factory) -> list[str]:
     from icd.registry.model import log_edit_model
 
     config = load_config(REPO / "jobs/configs/toy.yaml")
-    root = str(tmp_path_factory.mktemp("deploy-model"))
-    manifest = None
-    for stage in ("cfg_distill", "icd"):
-        paths = StagePaths.of(config, stage, "deploy-test", root)
-        export_stage(build_stage_model(stage, config, manifest), paths.output)
-        manifest = make_manifest(paths, config, manifest, 0, [])
-        write_json(paths.manifest, manifest)
+    manifest = export_untrained(config, "deploy-test", str(tmp_path_factory.mktemp("deploy-model")))
     mlflow.set_experiment("icd-serve-deploy-test")
     versions = []
     for _ in range(2):
@@ -123,46 +117,42 @@ def test_up_again_with_nothing_moved_changes_nothing(deployed, stack):
     assert (after["version"], after["calls"]) == (before["version"], before["calls"])
 
 
-def test_the_web_page_edits_an_uploaded_image_in_chromium(deployed, stack, tmp_path):
+@pytest.fixture
+def page(deployed, stack):
+    """The editor page at / in headless Chromium (Debian's binary: no browser download)."""
     from playwright.sync_api import sync_playwright
 
-    picture = tmp_path / "upload.png"
-    Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM,
                                              args=["--headless", "--no-sandbox", "--disable-gpu"])
         page = browser.new_page()
         page.goto(stack.serve_url + "/")
-        assert page.is_disabled("#run")
-        page.set_input_files("#file", str(picture))
-        page.wait_for_function("!document.getElementById('run').disabled")
-        page.fill("#target", "a yellow circle on a blue background")
-        page.fill("#guidance", "11")  # a range input takes fill() as its value
-        assert page.inner_text("#guidance-value") == "11"
-        page.click("#run")
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=120_000)
-        status = page.inner_text("#status")
-        sizes = page.evaluate("['original', 'reconstruction', 'edit'].map(id => { const i = document.getElementById(id);"
-                              " return [i.naturalWidth, i.naturalHeight]; })")
+        yield page
         browser.close()
-    assert "8 UNet passes" in status, status
+
+
+def test_the_web_page_edits_an_uploaded_image_in_chromium(page, tmp_path):
+    picture = tmp_path / "upload.png"
+    Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
+    assert page.is_disabled("#run")
+    page.set_input_files("#file", str(picture))
+    page.wait_for_function("!document.getElementById('run').disabled")
+    page.fill("#target", "a yellow circle on a blue background")
+    page.fill("#guidance", "11")  # a range input takes fill() as its value
+    assert page.inner_text("#guidance-value") == "11"
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=120_000)
+    assert "8 UNet passes" in page.inner_text("#status"), page.inner_text("#status")
+    sizes = page.evaluate("['original', 'reconstruction', 'edit'].map(id => { const i = document.getElementById(id);"
+                          " return [i.naturalWidth, i.naturalHeight]; })")
     assert sizes == [[48, 40]] * 3  # original / reconstruction / edit side by side, at the input's size
 
 
-def test_the_web_page_shows_an_api_error(deployed, stack, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_the_web_page_shows_an_api_error(page, tmp_path):
     picture = tmp_path / "upload.png"
     Image.new("RGB", (16, 16), (0, 0, 0)).save(picture)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM,
-                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page()
-        page.goto(stack.serve_url + "/")
-        page.set_input_files("#file", str(picture))
-        page.fill("#target", "   ")
-        page.click("#run")
-        page.wait_for_selector("#status.error", timeout=60_000)
-        message = page.inner_text("#status")
-        browser.close()
-    assert message.startswith("target_prompt:"), message
+    page.set_input_files("#file", str(picture))
+    page.fill("#target", "   ")
+    page.click("#run")
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert page.inner_text("#status").startswith("target_prompt:"), page.inner_text("#status")

@@ -259,6 +259,20 @@ def make_manifest(paths: StagePaths, config: Config, input_manifest: dict | None
     }
 
 
+def export_untrained(config: Config, run: str, root: str, settings: S3Settings | None = None) -> dict:
+    """Export cfg_distill -> icd as built, without training (zero-init LoRA on the base): the manifest.
+
+    A real model with the trained one's shapes and cost, for serving tests and load benchmarks.
+    """
+    manifest = None
+    for stage in ("cfg_distill", "icd"):
+        paths = StagePaths.of(config, stage, run, root, settings)
+        export_stage(build_stage_model(stage, config, manifest), paths.output, settings)
+        manifest = make_manifest(paths, config, manifest, 0, [])
+        write_json(paths.manifest, manifest, settings)
+    return manifest
+
+
 def export_stage(model: StageModel, output_uri: str, settings: S3Settings | None = None) -> None:
     """Export the artifacts into the stage's output directory (local or s3://)."""
     with tempfile.TemporaryDirectory(prefix="icd-export-") as tmp:
