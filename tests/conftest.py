@@ -56,6 +56,29 @@ def stack() -> StackSettings:
     down(settings, say=lambda msg: None)
 
 
+@pytest.fixture(scope="session")
+def local_ray(stack):
+    """One in-process Ray for the whole session (Ray Data and ``serve.run`` tests), apart from the
+    stack's head, object store capped. Its workers inherit the stack's S3 and MLflow settings.
+
+    Started once, never restarted: Ray shut down and started again in one process leaves
+    background threads pointing at a freed core worker, and the interpreter crashed at exit
+    (a segmentation fault after every test had passed; ray-project/ray#31145).
+    """
+    import ray
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
+    try:
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
+    finally:  # the workers got the settings from the raylet; this process keeps its own environment
+        os.environ.clear()
+        os.environ.update(saved)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def stack_env(stack, monkeypatch) -> StackSettings:
     """The running stack, with this process's environment pointed at it as a client's would be."""

@@ -24,15 +24,6 @@ from icd.models.toy import tiny_bundle
 from icd.storage import filesystem_for, s3_filesystem
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """An in-process Ray for Ray Data (object store capped), separate from the stack's head."""
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def _uri(stack, name):
     return f"s3://{stack.bucket}/datasets/test-{name}"
 
@@ -45,7 +36,7 @@ def _collect(ds) -> dict:
     return rows
 
 
-def test_shard_round_trip_through_s3(stack_env, ray_local):
+def test_shard_round_trip_through_s3(stack_env, local_ray):
     uri = _uri(stack_env, "roundtrip")
     stats = write_dataset(shapes_samples(300, seed=10), uri, per_shard=128)
     assert stats == {"count": 300, "shards": 3, "per_shard": 128}
@@ -102,7 +93,7 @@ def _poisoned_samples() -> tuple[list[ShardSample], dict[str, int], int]:
     return good + converted + bad, expected, len(good) + len(converted)
 
 
-def test_poisoned_shard_yields_every_good_sample_and_counts_the_bad(stack_env, ray_local):
+def test_poisoned_shard_yields_every_good_sample_and_counts_the_bad(stack_env, local_ray):
     uri = _uri(stack_env, "poisoned")
     samples, expected_bad, n_good = _poisoned_samples()
     write_dataset(samples, uri, per_shard=len(samples))
@@ -143,7 +134,7 @@ def test_poisoned_shard_yields_every_good_sample_and_counts_the_bad(stack_env, r
         assert np.array_equal(fused[key]["input_ids"], row["input_ids"])
 
 
-def test_filters_keep_and_drop_what_they_should(stack_env, ray_local):
+def test_filters_keep_and_drop_what_they_should(stack_env, local_ray):
     uri = _uri(stack_env, "filters")
     img = lambda w, h: _png(np.zeros((h, w, 3), np.uint8))
     samples = [
@@ -165,7 +156,7 @@ def test_filters_keep_and_drop_what_they_should(stack_env, ray_local):
     assert rows["keep"]["pixels"].shape == (3, 32, 32)  # 40x32 resized and centre-cropped
 
 
-def test_laion_parquet_with_image_bytes(stack_env, ray_local):
+def test_laion_parquet_with_image_bytes(stack_env, local_ray):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -180,7 +171,7 @@ def test_laion_parquet_with_image_bytes(stack_env, ray_local):
     assert rows["k0"]["pixels"].shape == (3, 16, 16)
 
 
-def test_latent_cache_equals_direct_encoding(stack_env, ray_local, tmp_path):
+def test_latent_cache_equals_direct_encoding(stack_env, local_ray, tmp_path):
     uri = _uri(stack_env, "cache")
     write_dataset(shapes_samples(96, seed=500), uri, per_shard=50)
     base = str(save_bundle(tiny_bundle(seed=11), tmp_path / "tiny"))
@@ -206,7 +197,7 @@ def test_latent_cache_equals_direct_encoding(stack_env, ray_local, tmp_path):
     assert model_hash(str(save_bundle(tiny_bundle(seed=12), tmp_path / "tiny2")), None, options) != model_hash(base, None, options)
 
 
-def test_epoch_shuffle_is_deterministic_and_splits_partition_the_data(ray_local):
+def test_epoch_shuffle_is_deterministic_and_splits_partition_the_data(local_ray):
     ds = ray.data.range(256).map(lambda r: {"id": np.int64(r["id"])}).materialize()
     order = lambda epoch: torch.cat([b["id"] for b in epoch_batches(ds.iterator(), epoch, 16, seed=3)]).tolist()
     assert order(0) == order(0) and order(0) != order(1) and sorted(order(1)) == list(range(256))

@@ -28,16 +28,14 @@ def size_of(b64: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def served(stack, tmp_path_factory):
-    import ray
+def served(stack, local_ray, tmp_path_factory):
     from ray import serve
 
     saved = dict(os.environ)
-    # S3 and MLflow of the stack; this test starts its own local Ray (so not the head's RAY_*).
+    # S3 and MLflow of the stack; Serve runs on the session's local Ray (so not the head's RAY_*).
     os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
     config = load_config("jobs/configs/toy.yaml")
     manifest = export_untrained(config, "serve-test", str(tmp_path_factory.mktemp("serve-model")))
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False)
     port = stack.serve_port + 100
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from serve.app import build_app
@@ -45,7 +43,6 @@ def served(stack, tmp_path_factory):
     serve.run(build_app({"model_uri": f"{manifest['output']}/manifest.json"}), name="icd", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
     os.environ.clear()
     os.environ.update(saved)
 

@@ -1,5 +1,7 @@
 """Stage objectives without Ray: terms against hand computation, loss decrease, which weights move."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from icd.models.adapters import add_adapters
 from icd.models.bundle import FORWARD, REVERSE
 from icd.models.toy import tiny_bundle
 from icd.train import objectives
-from icd.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from icd.train.checkpointing import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
 from icd.train.stages import (StagePaths, artifact_layout, build_stage_model, export_stage, make_manifest,
                               stage_identity)
 
@@ -247,6 +249,31 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_step(tmp_path, gui
     assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
     with pytest.raises(ValueError, match="does not match"):
         load_checkpoint(tmp_path, {"other": torch.nn.Parameter(torch.zeros(1))}, fresh)
+
+
+def test_restore_from_storage_never_rewrites_files_another_worker_is_reading(tmp_path):
+    """Two workers of a node resume from one checkpoint in storage. The first reads Ray's node-shared
+    copy; the second's restore must neither download over it nor delete it."""
+    import pyarrow.fs
+    import ray.train
+
+    trainable = {"w": torch.nn.Parameter(torch.arange(4.0))}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    trainable["w"].grad = torch.ones(4)
+    optimizer.step()
+    save_checkpoint(tmp_path / "local", trainable, optimizer, TrainState(step=4))
+    storage = pyarrow.fs._MockFileSystem()  # a non-local filesystem, as S3 is
+    storage.create_dir("checkpoints/step-4")
+    pyarrow.fs.copy_files(str(tmp_path / "local"), "checkpoints/step-4", destination_filesystem=storage)
+    checkpoint = ray.train.Checkpoint("checkpoints/step-4", filesystem=storage)
+
+    shared = Path(checkpoint.to_directory())  # the first worker's copy, still being read
+    before = (shared / "optimizer.pt").stat()
+    state = restore_checkpoint(checkpoint, trainable, torch.optim.AdamW(trainable.values(), lr=1e-3), rank=1)
+    after = (shared / "optimizer.pt").stat()
+    assert state.step == 4
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    torch.load(shared / "optimizer.pt", weights_only=True)  # still whole for the first worker
 
 
 def test_stage_identity_follows_inputs_but_not_logging():

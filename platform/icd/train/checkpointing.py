@@ -10,9 +10,11 @@ One directory, reported to Ray Train (which copies it to ``RunConfig.storage_pat
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ray.train
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -49,3 +51,15 @@ def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
             param.copy_(weights[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
     return TrainState(**json.loads((directory / "state.json").read_text()))
+
+
+def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, torch.nn.Parameter],
+                       optimizer: torch.optim.Optimizer, rank: int) -> TrainState:
+    """``load_checkpoint`` from a checkpoint in storage, through a private local copy per worker.
+
+    Not ``Checkpoint.as_directory()``: its directory is shared by the workers of a node, and a
+    worker that arrives after the first download has finished downloads again over the files
+    the first is still reading (seen as a corrupt optimizer.pt on resume).
+    """
+    with tempfile.TemporaryDirectory(prefix=f"icd-resume-rank{rank}-") as directory:
+        return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer)

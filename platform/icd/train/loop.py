@@ -23,7 +23,7 @@ from icd.config import Config
 from icd.data.feeding import epoch_batches
 from icd.diffusion.boundaries import Boundaries
 from icd.storage import S3Settings
-from icd.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from icd.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
 from icd.train.stages import build_stage_model, export_stage
 
 NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids"]}
@@ -78,8 +78,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(Path(directory), trainable, optimizer)
+        state = restore_checkpoint(checkpoint, trainable, optimizer, rank)
         state.resumed_from.append(state.step)
     objective = ray.train.torch.prepare_model(model.objective)  # DDP (gloo on CPU, nccl on GPU) when world > 1
 
