@@ -52,7 +52,7 @@ browser:
 	  { echo "the web page test needs /usr/bin/chromium: apt-get install chromium"; exit 1; }
 
 test: install browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -X faulthandler -m pytest  # a crash in native code prints every thread's stack
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

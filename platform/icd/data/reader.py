@@ -204,9 +204,20 @@ def preprocess_shards(uri: str, options: PreprocessOptions, settings: S3Settings
     """Training examples straight from a directory of tar shards (`ShardPreprocessor`, one tar per call)."""
     if options.counter_name:
         counter(options.counter_name)
-    return read_tar_files(uri, settings, shuffle_seed).map_batches(
+    ds = read_tar_files(uri, settings, shuffle_seed).map_batches(
         ShardPreprocessor, fn_constructor_args=(options, batch_size), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor)
+    # One output block per yielded batch, so the consumer takes each block whole instead of
+    # concatenating across blocks (Ray's default, 128 MiB, packs a whole tar into one block).
+    # benchmarks/data_throughput.py on 2 cores: 8 MiB blocks 1.49x the plain loop, this 1.65-1.76x.
+    ds.context.target_max_block_size = block_bytes_for(options.resolution, batch_size)
+    return ds
+
+
+def block_bytes_for(resolution: int, batch_size: int, token_length: int = 77) -> int:
+    """Bytes of one preprocessed batch (uint8 pixels + int64 CLIP ids), with room for keys and captions."""
+    per_sample = 3 * resolution * resolution + 8 * token_length
+    return max(1 << 20, int(1.25 * per_sample * batch_size))
 
 
 def preprocess(raw: ray.data.Dataset, options: PreprocessOptions, actors: int = 1, cpus_per_actor: float = 1.0,
