@@ -197,6 +197,37 @@ def test_latent_cache_equals_direct_encoding(stack_env, local_ray, tmp_path):
     assert model_hash(str(save_bundle(tiny_bundle(seed=12), tmp_path / "tiny2")), None, options) != model_hash(base, None, options)
 
 
+def test_latent_cache_feeds_train_workers_that_hold_every_cpu(stack_env, local_ray, tmp_path):
+    """Two 1-CPU train workers on the 2-CPU local Ray still get the whole cache: its read tasks need
+    no CPU (asking for a quarter of one, they were never scheduled and the workers waited forever)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    uri = _uri(stack_env, "cache")
+    write_dataset(shapes_samples(96, seed=500), uri, per_shard=50)
+    base = str(save_bundle(tiny_bundle(seed=11), tmp_path / "tiny"))
+    options = PreprocessOptions(resolution=32, counter_name="cache")
+    out = cache_uri("test-cache", model_hash(base, None, options))
+    build_latent_cache(uri, out, base, options)  # reused when the test above built it
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def count_rows(_):
+        shard = ray.train.get_dataset_shard("train")
+        rows = sum(len(batch["latents"]) for batch in shard.iter_torch_batches(batch_size=8))
+        (seen / str(ray.train.get_context().get_world_rank())).write_text(str(rows))
+
+    trainer = TorchTrainer(count_rows, datasets={"train": read_latent_cache(out).select_columns(["latents"])},
+                           scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs")))
+    # In a thread: a starved run waits forever inside Ray, out of reach of pytest's timeout.
+    fit = threading.Thread(target=trainer.fit, daemon=True)
+    fit.start()
+    fit.join(240)
+    assert not fit.is_alive(), "the train workers got no data within 240 s (read tasks starved of CPU)"
+    assert sorted(int(f.read_text()) for f in seen.iterdir()) == [48, 48]
+
+
 def test_epoch_shuffle_is_deterministic_and_splits_partition_the_data(local_ray):
     ds = ray.data.range(256).map(lambda r: {"id": np.int64(r["id"])}).materialize()
     order = lambda epoch: torch.cat([b["id"] for b in epoch_batches(ds.iterator(), epoch, 16, seed=3)]).tolist()

@@ -95,11 +95,14 @@ def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.
     if read_manifest(uri, settings) is None:
         raise FileNotFoundError(f"{uri} is not a complete latent cache (no {MANIFEST}); build it first")
     fs, root = filesystem_for(uri, settings)
-    # Light CPU requests: on a small node the train workers hold most CPUs while this streams.
-    # The V1 reader, because the V2 one lists files in a separate 1-CPU task that a 2-core
-    # node running two train workers can never schedule.
+    # The read tasks ask for no CPU: they stream while the train workers hold the node's CPUs, and
+    # Ray Data's budget is what the workers leave. Even 0.25 CPU each stalled training on a 2-core
+    # node: none ran with two 1-CPU workers, and with two 0.75-CPU workers reading stopped after
+    # 3/4 of the first epoch while the DDP workers waited for each other. The object-store budget
+    # still bounds how far they read ahead. The V1 reader, because the V2 one lists files in a
+    # separate 1-CPU task that such a node can never schedule.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": 0.25})
+    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": 0})
 
 
 def dataset_uri(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:
