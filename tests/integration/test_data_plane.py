@@ -171,12 +171,17 @@ def test_laion_parquet_with_image_bytes(stack_env, local_ray):
     assert rows["k0"]["pixels"].shape == (3, 16, 16)
 
 
-def test_latent_cache_equals_direct_encoding(stack_env, local_ray, tmp_path):
-    uri = _uri(stack_env, "cache")
+def _cache_inputs(stack, tmp_path) -> tuple[str, str, PreprocessOptions, str]:
+    """96 shapes samples in S3 and a tiny model: (dataset uri, model dir, options, cache uri)."""
+    uri = _uri(stack, "cache")
     write_dataset(shapes_samples(96, seed=500), uri, per_shard=50)
     base = str(save_bundle(tiny_bundle(seed=11), tmp_path / "tiny"))
     options = PreprocessOptions(resolution=32, counter_name="cache")
-    out = cache_uri("test-cache", model_hash(base, None, options))
+    return uri, base, options, cache_uri("test-cache", model_hash(base, None, options))
+
+
+def test_latent_cache_equals_direct_encoding(stack_env, local_ray, tmp_path):
+    uri, base, options, out = _cache_inputs(stack_env, tmp_path)
     manifest = build_latent_cache(uri, out, base, options)
     assert manifest["samples"] == {"ok": 96} and not manifest["reused"]
     assert build_latent_cache(uri, out, base, options)["reused"]  # built once
@@ -203,11 +208,7 @@ def test_latent_cache_feeds_train_workers_that_hold_every_cpu(stack_env, local_r
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    uri = _uri(stack_env, "cache")
-    write_dataset(shapes_samples(96, seed=500), uri, per_shard=50)
-    base = str(save_bundle(tiny_bundle(seed=11), tmp_path / "tiny"))
-    options = PreprocessOptions(resolution=32, counter_name="cache")
-    out = cache_uri("test-cache", model_hash(base, None, options))
+    uri, base, options, out = _cache_inputs(stack_env, tmp_path)
     build_latent_cache(uri, out, base, options)  # reused when the test above built it
     seen = tmp_path / "seen"
     seen.mkdir()
@@ -221,11 +222,20 @@ def test_latent_cache_feeds_train_workers_that_hold_every_cpu(stack_env, local_r
                            scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(storage_path=str(tmp_path / "runs")))
     # In a thread: a starved run waits forever inside Ray, out of reach of pytest's timeout.
-    fit = threading.Thread(target=trainer.fit, daemon=True)
+    errors = []
+    fit = threading.Thread(target=lambda: _record_errors(trainer.fit, errors), daemon=True)
     fit.start()
     fit.join(240)
     assert not fit.is_alive(), "the train workers got no data within 240 s (read tasks starved of CPU)"
+    assert not errors, errors
     assert sorted(int(f.read_text()) for f in seen.iterdir()) == [48, 48]
+
+
+def _record_errors(call, errors: list) -> None:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - reported by the test thread
+        errors.append(exc)
 
 
 def test_epoch_shuffle_is_deterministic_and_splits_partition_the_data(local_ray):
