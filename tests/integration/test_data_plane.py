@@ -231,6 +231,52 @@ def test_latent_cache_feeds_train_workers_that_hold_every_cpu(stack_env, local_r
     assert sorted(int(f.read_text()) for f in seen.iterdir()) == [48, 48]
 
 
+def test_latent_cache_reads_a_few_files_at_a_time(local_ray, tmp_path):
+    """Read tasks that ask for no CPU are still bounded: a preview of a 200-file cache starts a few
+    worker processes, not one per file (unbounded: 81 here; the toy preset's 200-file cache
+    started 100+ on a 2-core node and a 4-row preview took 68 s instead of 2)."""
+    import json
+
+    import psutil
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from icd.data.latent_cache import MANIFEST, READ_TASKS
+
+    latents = np.zeros((64, 1024), np.float32)  # 256 KiB files: Ray Data gives each its own read task
+    for i in range(200):
+        table = pa.table({"key": [f"k{i}-{j}" for j in range(64)], "latents": list(latents)})
+        pq.write_table(table, tmp_path / f"part-{i:03d}.parquet")
+    (tmp_path / MANIFEST).write_text(json.dumps({"dataset": "test", "samples": {"ok": 200 * 64}}))
+
+    port = f"--node-manager-port={ray._private.worker._global_node.node_manager_port}"
+
+    def workers() -> set[int]:
+        pids = set()
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if any("default_worker.py" in part for part in cmdline) and port in cmdline:
+                pids.add(proc.info["pid"])
+        return pids
+
+    before, started, done = workers(), set(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            started.update(workers() - before)
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rows = read_latent_cache(str(tmp_path)).take_batch(4, batch_format="numpy")
+    finally:
+        done.set()
+        watcher.join()
+    assert len(rows["key"]) == 4
+    assert len(started) <= READ_TASKS + 2, f"{len(started)} worker processes started for a 4-row preview"
+
+
 def _record_errors(call, errors: list) -> None:
     try:
         call()

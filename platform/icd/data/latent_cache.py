@@ -21,6 +21,7 @@ from icd.data.reader import PreprocessOptions, counts, preprocess_shards
 from icd.storage import S3Settings, filesystem_for, read_json
 
 MANIFEST = "_manifest.json"
+READ_TASKS = 2  # parquet read tasks in flight: they ask for no CPU, so nothing else bounds how many start
 
 
 def model_hash(base: str, revision: str | None, options: PreprocessOptions) -> str:
@@ -99,10 +100,12 @@ def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.
     # Ray Data's budget is what the workers leave. Even 0.25 CPU each stalled training on a 2-core
     # node: none ran with two 1-CPU workers, and with two 0.75-CPU workers reading stopped after
     # 3/4 of the first epoch while the DDP workers waited for each other. The object-store budget
-    # still bounds how far they read ahead. The V1 reader, because the V2 one lists files in a
+    # alone does not bound how many start: each file got a task and a worker process of its own
+    # (100+ on a 2-core node), hence READ_TASKS. The V1 reader, because the V2 one lists files in a
     # separate 1-CPU task that such a node can never schedule.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], ray_remote_args={"num_cpus": 0})
+    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], num_cpus=0,
+                                 concurrency=READ_TASKS)
 
 
 def dataset_uri(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:

@@ -89,7 +89,7 @@ def read_tar_files(uri: str, settings: S3Settings | None = None, shuffle_seed: i
     # Reading tars is I/O-bound: light CPU requests leave room for the actor pools downstream
     # (full-CPU read tasks can starve them on a small node and deadlock).
     return ray.data.read_binary_files(tars, filesystem=fs, include_paths=True, shuffle=shuffle,
-                                      ray_remote_args={"num_cpus": READ_CPUS})
+                                      num_cpus=READ_CPUS)
 
 
 def read_raw(uri: str, settings: S3Settings | None = None, shuffle_seed: int | None = None) -> ray.data.Dataset:
@@ -110,7 +110,7 @@ def read_laion_parquet(uri: str, image_column: str = "jpg", caption_column: str 
         return {"key": [str(k) for k in keys], "image": list(batch[image_column]),
                 "caption": list(batch[caption_column]), "meta": metas}
 
-    return ray.data.read_parquet(files, filesystem=fs, ray_remote_args={"num_cpus": READ_CPUS}).map_batches(
+    return ray.data.read_parquet(files, filesystem=fs, num_cpus=READ_CPUS).map_batches(
         to_raw, batch_format="numpy", num_cpus=READ_CPUS)
 
 
