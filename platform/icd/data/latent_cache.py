@@ -18,6 +18,7 @@ import torch
 
 from icd.data.preprocess import to_model_range
 from icd.data.reader import PreprocessOptions, counts, preprocess_shards
+from icd.data.scheduling import register_idle_backoff
 from icd.storage import S3Settings, filesystem_for, read_json
 
 MANIFEST = "_manifest.json"
@@ -104,8 +105,9 @@ def read_latent_cache(uri: str, settings: S3Settings | None = None) -> ray.data.
     # (100+ on a 2-core node), hence READ_TASKS. The V1 reader, because the V2 one lists files in a
     # separate 1-CPU task that such a node can never schedule.
     ray.data.DataContext.get_current().use_datasource_v2 = False
-    return ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], num_cpus=0,
-                                 concurrency=READ_TASKS)
+    ds = ray.data.read_parquet(root, filesystem=fs, file_extensions=["parquet"], num_cpus=0, concurrency=READ_TASKS)
+    register_idle_backoff(ds.context)
+    return ds
 
 
 def dataset_uri(config, dataset: str | None = None, settings: S3Settings | None = None) -> str:
