@@ -5,10 +5,9 @@ operator is backpressured (the read-ahead filled its object-store budget and the
 taken the next batch yet), a task's outputs are ready but not read, so the wait returns at once
 and the loop spins: measured with py-spy, the ``SplitCoordinator`` that feeds Ray Train workers
 used 91 % of a core during a toy cfg_distill run, on a 2-core node whose other core was the
-train worker's. The callback
-below sleeps a few milliseconds after each loop step in which nothing moved (no input taken, task
-submitted or finished, output produced or taken), which bounds the loop's CPU use and delays
-the reaction to the consumer by at most that long. It plugs in through the DataContext field
+train worker's. The callback below sleeps a few milliseconds after each loop step in which
+nothing moved (no input taken, task submitted or finished, output produced or taken), which
+bounds the loop's CPU use and delays the reaction to the consumer by at most that long. It plugs in through the DataContext field
 ``custom_execution_callback_classes``; Ray 2.60 exports ``ExecutionCallback`` only from its
 internal module, so an upgrade may move the import.
 """
