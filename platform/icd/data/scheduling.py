@@ -7,9 +7,9 @@ and the loop spins: measured with py-spy, the ``SplitCoordinator`` that feeds Ra
 used 91 % of a core during a toy cfg_distill run, on a 2-core node whose other core was the
 train worker's. The callback below sleeps a few milliseconds after each loop step in which
 nothing moved (no input taken, task submitted or finished, output produced or taken), which
-bounds the loop's CPU use and delays the reaction to the consumer by at most that long. It plugs in through the DataContext field
-``custom_execution_callback_classes``; Ray 2.60 exports ``ExecutionCallback`` only from its
-internal module, so an upgrade may move the import.
+bounds the loop's CPU use and delays the reaction to the consumer by at most that long.
+It plugs in through the DataContext field ``custom_execution_callback_classes``; Ray 2.60
+exports ``ExecutionCallback`` only from its internal module, so an upgrade may move the import.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class IdleBackoff(ExecutionCallback):
 
 
 def register_idle_backoff(context: ray.data.DataContext | None = None) -> None:
-    """Add IdleBackoff to ``context`` (the current one by default); datasets created afterwards
-    carry it, also into the SplitCoordinator actor that feeds Ray Train workers."""
+    """Add IdleBackoff to ``context``: a dataset's own (``ds.context``, which its derived datasets
+    share and which travels into the SplitCoordinator actor that feeds Ray Train workers), or the
+    process's current one, which datasets created afterwards copy."""
     context = context or ray.data.DataContext.get_current()
     if IdleBackoff not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(IdleBackoff)
