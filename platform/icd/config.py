@@ -82,6 +82,8 @@ class MethodConfig(_Section):
     forward_timesteps: list[int] = Field(default_factory=lambda: [19, 259, 519, 779], min_length=1)
     teacher_step: int = Field(20, ge=1, description="teacher DDIM jump on the 50-step grid")
     huber_c: float = Field(0.001, gt=0)
+    target_ema_decay: float = Field(0.0, ge=0, lt=1, description="consistency target: 0 = the online student "
+                                    "without grad; mu = an EMA copy, theta- <- mu theta- + (1 - mu) theta")
     lambda_forward: float = Field(1.5, ge=0)
     lambda_reverse: float = Field(1.5, ge=0)
     dynamic_cfg_tau: float = Field(0.8, ge=0, le=1)

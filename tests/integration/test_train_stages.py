@@ -24,6 +24,7 @@ SETTINGS = [
     "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=1e-3",
     "train.icd.global_batch_size=16", "train.icd.lr=1e-3",
     "train.cycle.global_batch_size=4",
+    "method.target_ema_decay=0.95",  # the EMA target must survive the worker loss too
     *[f"train.{stage}.{key}={value}" for stage, steps in STEPS.items()
       for key, value in (("steps", steps), ("checkpoint_every", 2), ("log_every", 1), ("images_every", steps))],
 ]
@@ -75,6 +76,9 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
         FileSelector(f"{stack_env.bucket}/checkpoints/{RUN}/icd-{icd['identity']}"))
     kept = sorted(info.base_name for info in checkpoints if info.base_name.startswith("step-"))
     assert kept == ["step-0000008", "step-0000010", "step-0000012"]  # keep_checkpoints = 3
+    last = f"{stack_env.bucket}/checkpoints/{RUN}/icd-{icd['identity']}/{kept[-1]}"
+    files = {info.base_name for info in s3_filesystem().get_file_info(FileSelector(last))}
+    assert {"trainable.safetensors", "target.safetensors", "optimizer.pt", "state.json"} <= files
 
     cycle, _ = submit("cycle", env)
     assert cycle["input"] == icd["output"] and cycle["steps"] == STEPS["cycle"]

@@ -15,6 +15,7 @@ from icd.models.bundle import FORWARD, REVERSE
 from icd.models.toy import tiny_bundle
 from icd.train import objectives
 from icd.train.checkpointing import TrainState, load_checkpoint, restore_checkpoint, save_checkpoint
+from icd.train.target import EMATarget, ema_update, target_name
 from icd.train.stages import (StagePaths, artifact_layout, build_stage_model, export_stage, make_manifest,
                               stage_identity)
 
@@ -150,6 +151,8 @@ def train_steps(model, steps, lr, n=8):
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if model.target is not None:
+            model.target.update()
         losses.append(out["loss"].item())
     return losses
 
@@ -162,7 +165,7 @@ def changed(before, unet):
 def chain(tmp_path_factory):
     """Train each stage a few steps and export it, as the stages hand over to each other."""
     root = str(tmp_path_factory.mktemp("stages"))
-    config = toy_config(**{"train.cfg_distill.lora": "true"})
+    config = toy_config(**{"train.cfg_distill.lora": "true", "method.target_ema_decay": 0.95})
     torch.manual_seed(0)
     results, previous = {}, None
     for stage, steps, lr in (("cfg_distill", 6, 3e-3), ("icd", 6, 3e-3), ("cycle", 4, 3e-3)):
@@ -195,12 +198,19 @@ def test_icd_trains_both_adapters_and_nothing_else(chain):
     moved = changed(result["before"], result["model"].bundle.unet)
     assert all("lora_" in n for n in moved)
     assert any(f".{FORWARD}." in n for n in moved) and any(f".{REVERSE}." in n for n in moved)
+    # the chain keeps an EMA target: it moves, but only through the EMA, never as a trained parameter
+    targets = {n for n in moved if f".{target_name(FORWARD)}." in n or f".{target_name(REVERSE)}." in n}
+    assert targets and not targets & set(result["model"].trainable_parameters())
+    assert result["model"].objective.targets == {FORWARD: target_name(FORWARD), REVERSE: target_name(REVERSE)}
+    assert chain[1]["cycle"]["model"].objective.targets[FORWARD] == target_name(FORWARD)
 
 
 def test_cycle_never_changes_the_reverse_adapter(chain):
     result = chain[1]["cycle"]
     moved = changed(result["before"], result["model"].bundle.unet)
-    assert moved and all(f".{FORWARD}." in n and "lora_" in n for n in moved), sorted(moved)[:5]
+    forward = (f".{FORWARD}.", f".{target_name(FORWARD)}.")
+    assert moved and all(n.count("lora_") and any(a in n for a in forward) for n in moved), sorted(moved)[:5]
+    assert any(f".{FORWARD}." in n for n in moved)
 
 
 def test_full_cfg_distill_keeps_a_frozen_teacher_and_moves_the_base_weights():
@@ -286,6 +296,9 @@ def test_stage_identity_follows_inputs_but_not_logging():
     two_step = toy_config(**{"method.reverse_timesteps": "[999,499]", "method.forward_timesteps": "[19,499]"})
     assert stage_identity(base, "cfg_distill") == stage_identity(two_step, "cfg_distill")
     assert stage_identity(base, "icd") != stage_identity(two_step, "icd")
+    ema = toy_config(**{"method.target_ema_decay": 0.95})
+    assert stage_identity(base, "icd") != stage_identity(ema, "icd")
+    assert stage_identity(base, "cfg_distill") == stage_identity(ema, "cfg_distill")
 
 
 def test_preview_grid_layout_and_edit_prompts():
@@ -299,3 +312,97 @@ def test_preview_grid_layout_and_edit_prompts():
     assert grid.shape == (8, 8, 3) and grid.dtype == np.uint8
     assert (grid[:4] == 0).all() and (grid[4:, :4] == 255).all()
     assert (grid[4:, 4:, 0] == 128).all() and (grid[4:, 4:, 1] == 255).all()
+
+
+# --- the EMA consistency target --------------------------------------------------------------
+
+def test_ema_update_moves_each_tensor_a_fraction_toward_the_online_one():
+    target, online = [torch.tensor([0.0, 10.0]), torch.tensor([[4.0]])], [torch.tensor([1.0, 0.0]), torch.tensor([[0.0]])]
+    ema_update(target, online, 0.9)
+    assert torch.allclose(target[0], torch.tensor([0.1, 9.0])) and torch.allclose(target[1], torch.tensor([[3.6]]))
+
+
+def adapted_tiny():
+    bundle = tiny_bundle(seed=0, guidance_dim=16)
+    add_adapters(bundle.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    return bundle
+
+
+def test_ema_target_starts_as_the_online_adapters_and_follows_them_by_the_decay():
+    bundle = adapted_tiny()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B is zero at init: give the adapters an effect
+        for name, p in bundle.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    trainable_before = {n for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    target = EMATarget(bundle.unet, (FORWARD, REVERSE), 0.9)
+    assert {n for n, p in bundle.unet.named_parameters() if p.requires_grad} == trainable_before
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        for adapter in (FORWARD, REVERSE):
+            with bundle.adapter(adapter):
+                online = bundle.eps(x, 500, context, 0.0)
+            with bundle.adapter(target_name(adapter)):
+                assert torch.equal(bundle.eps(x, 500, context, 0.0), online)
+    params = dict(bundle.unet.named_parameters())
+    name = next(n for n in params if f".{REVERSE}." in n and "lora_B" in n)
+    copy_name = name.replace(f".{REVERSE}.", f".{target_name(REVERSE)}.")
+    old = params[name].detach().clone()
+    with torch.no_grad():
+        params[name].add_(1.0)
+    target.update()
+    assert torch.allclose(params[copy_name], 0.9 * old + 0.1 * (old + 1.0))
+    saved = {k: v.clone() for k, v in target.state_dict().items()}
+    target.update()
+    target.load_state_dict(saved)
+    assert torch.equal(params[copy_name], saved[copy_name])
+    with pytest.raises(ValueError, match="missing"):
+        target.load_state_dict({})
+    with pytest.raises(ValueError, match="target_ema_decay"):
+        EMATarget(adapted_tiny().unet, (FORWARD,), 1.0)
+
+
+def test_consistency_term_compares_against_the_named_target_adapter():
+    bundle = adapted_tiny()
+    EMATarget(bundle.unet, (FORWARD,), 0.5)
+    with torch.no_grad():  # make the target differ from the online adapter
+        for name, p in bundle.unet.named_parameters():
+            if f".{target_name(FORWARD)}." in name and "lora_B" in name:
+                p.add_(0.05)
+    g = torch.Generator().manual_seed(4)
+    x0, noise, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([279])
+    got = objectives.forward_consistency_term(bundle, x0, context, t, noise, DEFAULT, 20, 0.001, target_name(FORWARD))
+    a, s = ab(279)
+    x_t = a * x0 + s * noise
+    with torch.no_grad():
+        with bundle.adapter(FORWARD):
+            student = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 519)
+        with bundle.adapter(None):
+            x_299 = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 299)
+        with bundle.adapter(target_name(FORWARD)):
+            expected = huber(student, jump_by_hand(x_299, bundle.eps(x_299, 299, context, 0.0), 299, 519))
+        online = objectives.forward_consistency_term(bundle, x0, context, t, noise, DEFAULT, 20, 0.001)
+    assert got.item() == pytest.approx(expected, rel=1e-4)
+    assert online.item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_checkpoint_round_trip_restores_the_ema_target(tmp_path):
+    bundle = adapted_tiny()
+    target = EMATarget(bundle.unet, (FORWARD, REVERSE), 0.9)
+    trainable = {n: p for n, p in bundle.unet.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(1.0)
+    target.update()
+    save_checkpoint(tmp_path, trainable, optimizer, TrainState(step=1), target)
+    saved = {k: v.clone() for k, v in target.state_dict().items()}
+    target.update()
+    assert not all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    load_checkpoint(tmp_path, trainable, optimizer, target)
+    assert all(torch.equal(saved[k], v) for k, v in target.state_dict().items())
+    (tmp_path / "target.safetensors").unlink()
+    with pytest.raises(ValueError, match="target_ema_decay"):
+        load_checkpoint(tmp_path, trainable, optimizer, target)

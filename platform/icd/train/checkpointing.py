@@ -3,6 +3,7 @@
 One directory, reported to Ray Train (which copies it to ``RunConfig.storage_path``):
 
     trainable.safetensors   the parameters that train (LoRA weights, w-embedding, or the whole UNet)
+    target.safetensors      the EMA consistency target's adapters, when the run keeps one
     optimizer.pt            AdamW state (tensors only; loaded with ``weights_only=True``)
     state.json              step, epoch, the steps it resumed from, the MLflow run id
 """
@@ -18,6 +19,8 @@ import ray.train
 import torch
 from safetensors.torch import load_file, save_file
 
+from icd.train.target import EMATarget
+
 
 @dataclass
 class TrainState:
@@ -26,20 +29,25 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)
 
 
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+
 def save_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    state: TrainState) -> Path:
+                    state: TrainState, target: EMATarget | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({name: p.detach().to("cpu").contiguous() for name, p in trainable.items()},
-              str(directory / "trainable.safetensors"))
+    save_file(_cpu(trainable), str(directory / "trainable.safetensors"))
+    if target is not None:
+        save_file(_cpu(target.state_dict()), str(directory / "target.safetensors"))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     (directory / "state.json").write_text(json.dumps(asdict(state)))
     return directory
 
 
 def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore weights and optimizer in place; the checkpoint must hold exactly the trainable parameters."""
+                    optimizer: torch.optim.Optimizer, target: EMATarget | None = None) -> TrainState:
+    """Restore weights, optimizer (and EMA target) in place; the checkpoint must hold exactly the trainable parameters."""
     directory = Path(directory)
     weights = load_file(str(directory / "trainable.safetensors"))
     missing, unexpected = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
@@ -50,11 +58,16 @@ def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
         for name, param in trainable.items():
             param.copy_(weights[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu"))
+    if target is not None:
+        if not (directory / "target.safetensors").exists():
+            raise ValueError(f"checkpoint {directory} has no target.safetensors, but method.target_ema_decay is set "
+                             f"(was it written by a run without an EMA target?)")
+        target.load_state_dict(load_file(str(directory / "target.safetensors")))
     return TrainState(**json.loads((directory / "state.json").read_text()))
 
 
 def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, torch.nn.Parameter],
-                       optimizer: torch.optim.Optimizer, rank: int) -> TrainState:
+                       optimizer: torch.optim.Optimizer, rank: int, target: EMATarget | None = None) -> TrainState:
     """``load_checkpoint`` from a checkpoint in storage, through a private local copy per worker.
 
     Not ``Checkpoint.as_directory()``: its directory is shared by the workers of a node, and a
@@ -62,4 +75,4 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, to
     the first is still reading (seen as a corrupt optimizer.pt on resume).
     """
     with tempfile.TemporaryDirectory(prefix=f"icd-resume-rank{rank}-") as directory:
-        return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer)
+        return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer, target)

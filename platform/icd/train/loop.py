@@ -2,8 +2,9 @@
 
 build the stage's model -> restore the latest checkpoint if Ray Train hands one over ->
 wrap the objective in DDP -> for each batch of this worker's data shard: loss, backward,
-clip, step -> every N steps: metrics and image grids to MLflow (rank 0), a checkpoint to
-storage -> at the end rank 0 exports the artifacts to the stage's output.
+clip, step, move the EMA target if the run keeps one -> every N steps: metrics and image
+grids to MLflow (rank 0), a checkpoint to storage -> at the end rank 0 exports the
+artifacts to the stage's output.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, trainable, optimizer, rank)
+        state = restore_checkpoint(checkpoint, trainable, optimizer, rank, model.target)
         state.resumed_from.append(state.step)
     objective = ray.train.torch.prepare_model(model.objective)  # DDP (gloo on CPU, nccl on GPU) when world > 1
 
@@ -113,6 +114,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage_config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if model.target is not None:
+                model.target.update()
             state.step += 1
             window["steps"] += 1
             if timed["start"] is None:
@@ -133,7 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state.step % stage_config.checkpoint_every == 0 or state.step == stage_config.steps:
                 elapsed = time.perf_counter() - timed["start"]
                 throughput = timed["steps"] * batch_size * world / elapsed if timed["steps"] else 0.0
-                _report(state, out, rank, trainable, optimizer, throughput)
+                _report(state, out, rank, trainable, optimizer, throughput, model.target)
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no batch of {batch_size} in epoch {state.epoch}: "
                                f"the dataset is smaller than global_batch_size={stage_config.global_batch_size}")
@@ -144,7 +147,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         export_stage(model, loop_config["output_uri"], settings)
 
 
-def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, samples_per_s: float) -> None:
+def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, samples_per_s: float,
+            target=None) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     metrics = {"step": state.step, "epoch": state.epoch, "loss": out["loss"].item(),
                "resumed_from": list(state.resumed_from), "samples_per_s": samples_per_s}
@@ -152,7 +156,7 @@ def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, sampl
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="icd-ckpt-") as directory:
-        save_checkpoint(Path(directory), trainable, optimizer, state)
+        save_checkpoint(Path(directory), trainable, optimizer, state, target)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"step-{state.step:07d}")
 

@@ -48,8 +48,11 @@ def guidance_distillation_term(student_eps: torch.Tensor, teacher_eps_cond: torc
 
 
 def reverse_consistency_term(bundle: ModelBundle, x0, context, t, w, noise, boundaries: Boundaries,
-                             teacher_step: int, huber_c: float) -> torch.Tensor:
-    """d(f_rev(x_t, t -> s), stopgrad f_rev(x_t', t' -> s)), x_t' = guided teacher DDIM step t -> t' = max(t - step, s)."""
+                             teacher_step: int, huber_c: float, target: str = REVERSE) -> torch.Tensor:
+    """d(f_rev(x_t, t -> s), stopgrad f_target(x_t', t' -> s)), x_t' = guided teacher DDIM step t -> max(t - step, s).
+
+    ``target`` names the adapter of the target network: the student's own or its EMA copy.
+    """
     x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
     s = boundaries.reverse_boundary(t)
     student = consistency_jump(bundle, REVERSE, x_t, t, s, context, w)
@@ -58,16 +61,16 @@ def reverse_consistency_term(bundle: ModelBundle, x0, context, t, w, noise, boun
         with bundle.adapter(None):
             eps = bundle.eps(x_t, t, context, w)
         x_teacher = ddim_jump_timesteps(bundle.alphas_cumprod, x_t, eps, t, t_teacher).to(x0.dtype)
-        target = consistency_jump(bundle, REVERSE, x_teacher, t_teacher, s, context, w)
+        x_target = consistency_jump(bundle, target, x_teacher, t_teacher, s, context, w)
         # On the boundary the consistency function is the identity (t' = 0 is the clean sample).
         on_boundary = (t_teacher == s).reshape(-1, *([1] * (x0.dim() - 1)))
-        target = torch.where(on_boundary, x_teacher, target)
-    return consistency_loss(student, target, huber_c)
+        x_target = torch.where(on_boundary, x_teacher, x_target)
+    return consistency_loss(student, x_target, huber_c)
 
 
 def forward_consistency_term(bundle: ModelBundle, x0, context, t, noise, boundaries: Boundaries,
-                             teacher_step: int, huber_c: float) -> torch.Tensor:
-    """d(f_fwd(x_t, t -> s), stopgrad f_fwd(x_t'', t'' -> s)), unguided teacher DDIM inversion step t -> min(t + step, s)."""
+                             teacher_step: int, huber_c: float, target: str = FORWARD) -> torch.Tensor:
+    """d(f_fwd(x_t, t -> s), stopgrad f_target(x_t'', t'' -> s)), unguided teacher inversion step t -> min(t + step, s)."""
     x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
     s = boundaries.forward_boundary(t)
     student = consistency_jump(bundle, FORWARD, x_t, t, s, context, 0.0)
@@ -76,8 +79,8 @@ def forward_consistency_term(bundle: ModelBundle, x0, context, t, noise, boundar
         with bundle.adapter(None):
             eps = bundle.eps(x_t, t, context, 0.0)
         x_teacher = ddim_jump_timesteps(bundle.alphas_cumprod, x_t, eps, t, t_teacher).to(x0.dtype)
-        target = consistency_jump(bundle, FORWARD, x_teacher, t_teacher, s, context, 0.0)
-    return consistency_loss(student, target, huber_c)
+        x_target = consistency_jump(bundle, target, x_teacher, t_teacher, s, context, 0.0)
+    return consistency_loss(student, x_target, huber_c)
 
 
 def segment_ends(boundaries: Boundaries, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,11 +188,16 @@ class CFGDistillObjective(torch.nn.Module):
 
 
 class ICDObjective(torch.nn.Module):
-    """Both consistency models at once: reverse CD (guided) + forward CD (unguided) + lf Lf + lr Lr."""
+    """Both consistency models at once: reverse CD (guided) + forward CD (unguided) + lf Lf + lr Lr.
 
-    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method):
+    ``targets`` maps each adapter to the adapter of its consistency target (`icd.train.target`);
+    by default each is its own target.
+    """
+
+    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, targets: dict[str, str] | None = None):
         super().__init__()
         self.bundle, self.unet, self.boundaries, self.method = bundle, bundle.unet, boundaries, method
+        self.targets = {FORWARD: FORWARD, REVERSE: REVERSE, **(targets or {})}
         self.guidance_scales = torch.tensor(method.guidance_scales, dtype=torch.float32)
         grid = teacher_grid(method.num_train_timesteps, method.teacher_step)
         self.reverse_grid = grid[grid > 0]
@@ -204,9 +212,9 @@ class ICDObjective(torch.nn.Module):
         t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(x0.device)
         return {
             "cd_reverse": reverse_consistency_term(self.bundle, x0, context, t_rev, w, _noise(x0, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE]),
             "cd_forward": forward_consistency_term(self.bundle, x0, context, t_fwd, _noise(x0, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD]),
         }
 
     def preservation_term(self, which: str, x0, context, generator) -> torch.Tensor:
@@ -230,8 +238,9 @@ class ICDObjective(torch.nn.Module):
 class CycleObjective(ICDObjective):
     """The forward adapter only: cycle LPIPS (coefficient 1) + its consistency loss + lf Lf."""
 
-    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, lpips: PatchLPIPS):
-        super().__init__(bundle, boundaries, method)
+    def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, lpips: PatchLPIPS,
+                 targets: dict[str, str] | None = None):
+        super().__init__(bundle, boundaries, method, targets)
         self.vae, self.lpips = bundle.vae, lpips
 
     def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -240,7 +249,7 @@ class CycleObjective(ICDObjective):
         parts = {
             "cycle": cycle_term(self.bundle, self.lpips, latents, context, self.boundaries, generator),
             "cd_forward": forward_consistency_term(self.bundle, latents, context, t_fwd, _noise(latents, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD]),
         }
         loss = parts["cycle"] + parts["cd_forward"]
         if m.lambda_forward:

@@ -29,6 +29,7 @@ from icd.config import Config
 from icd.diffusion.boundaries import Boundaries
 from icd.models.bundle import FORWARD, REVERSE, ModelBundle
 from icd.storage import S3Settings, filesystem_for, is_s3_uri, read_json
+from icd.train.target import EMATarget
 
 STAGES = ("cfg_distill", "icd", "cycle")
 PREVIOUS = {"cfg_distill": None, "icd": "cfg_distill", "cycle": "icd"}
@@ -51,6 +52,8 @@ def stage_identity(config: Config, stage: str) -> str:
              "train": getattr(config.train, stage).model_dump(mode="json")}
     if stage == "cfg_distill":  # boundaries and preservation weights are the later stages' business
         parts["method"] = {k: v for k, v in parts["method"].items() if k in GUIDANCE_METHOD_FIELDS}
+    if not parts["method"].get("target_ema_decay"):  # 0 trains as before the field existed: keep those outputs
+        parts["method"].pop("target_ema_decay", None)
     # Logging and checkpoint cadence do not change the weights (the draws are seeded per step).
     for key in ("log_every", "images_every", "checkpoint_every", "keep_checkpoints"):
         parts["train"].pop(key)
@@ -156,6 +159,7 @@ class StageModel:
     bundle: ModelBundle
     objective: torch.nn.Module
     uncond: torch.Tensor
+    target: EMATarget | None = None  # the EMA consistency target, when method.target_ema_decay is set
     extra: dict = field(default_factory=dict)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -210,6 +214,7 @@ def build_stage_model(stage: str, config: Config, input_manifest: dict | None,
     check_stage(stage)
     stage_config = getattr(config.train, stage)
     boundaries = Boundaries.from_config(config.method)
+    target = None
     if stage == "cfg_distill":
         bundle = load_bundle(config.model.base, revision=config.model.revision, device=device)
         teacher = None
@@ -231,16 +236,21 @@ def build_stage_model(stage: str, config: Config, input_manifest: dict | None,
         uncond = bundle.encode_prompts([""])
         if stage == "icd":
             add_adapters_from_config(bundle.unet, config.model)
-            objective = objectives.ICDObjective(bundle, boundaries, config.method)
         else:
             for name, param in bundle.unet.named_parameters():  # the forward adapter only
                 param.requires_grad_(f".{FORWARD}." in name and "lora_" in name)
+        trained = (FORWARD, REVERSE) if stage == "icd" else (FORWARD,)
+        if config.method.target_ema_decay:
+            target = EMATarget(bundle.unet, trained, config.method.target_ema_decay)
+        if stage == "icd":
+            objective = objectives.ICDObjective(bundle, boundaries, config.method, target and target.names)
+        else:
             lpips = PatchLPIPS(pretrained_backbone=config.method.lpips_pretrained_backbone).to(device)
-            objective = objectives.CycleObjective(bundle, boundaries, config.method, lpips)
+            objective = objectives.CycleObjective(bundle, boundaries, config.method, lpips, target and target.names)
     bundle.unet.train()
     if config.model.gradient_checkpointing and torch.device(device).type == "cuda":
         bundle.unet.enable_gradient_checkpointing()
-    return StageModel(stage, bundle, objective, uncond)
+    return StageModel(stage, bundle, objective, uncond, target)
 
 
 def make_manifest(paths: StagePaths, config: Config, input_manifest: dict | None, steps: int,
