@@ -1,7 +1,7 @@
 """Samples/s of each stage under Ray Train's TorchTrainer against the same loop in a plain process.
 
     eval "$(icd stack env)"
-    python benchmarks/train_throughput.py [--steps 60,12,24]
+    python benchmarks/train_throughput.py [--steps 60,36,24]
 
 Same model, same global batch (the toy preset's), same one core each: TorchTrainer with one
 CPU worker (data streamed from the latent cache in S3 by Ray Data, metrics to MLflow,
@@ -47,7 +47,7 @@ def plain_samples_per_s(config, stage: str, input_manifest: dict | None, batch: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/toy.yaml")
-    parser.add_argument("--steps", default="60,12,24", help="steps of cfg_distill,icd,cycle")
+    parser.add_argument("--steps", default="60,36,24", help="steps of cfg_distill,icd,cycle")
     args = parser.parse_args()
     steps = dict(zip(STAGES, (int(s) for s in args.steps.split(","))))
 
