@@ -4,10 +4,9 @@ Consistency distillation compares the student at x_t with a target at the teache
 x_t'. With ``method.target_ema_decay = 0`` the target is the online student without
 gradients (DESIGN.md's default). With a decay mu it is a frozen copy of each trained adapter,
 moved after every optimizer step by theta_target <- mu theta_target + (1 - mu) theta, as in
-consistency distillation and LCM; on the toy preset this is what keeps the short runs from
-drifting (the README's paper table). The copies are PEFT adapters named ``<adapter>_target``
-on the same UNet, so `ModelBundle.adapter` switches to them like to any other adapter; they
-are checkpointed with the run and never exported.
+consistency distillation and LCM (mu = 0.95). The copies are PEFT adapters named
+``<adapter>_target`` on the same UNet, so `ModelBundle.adapter` switches to them like to any
+other adapter; they are checkpointed with the run and never exported.
 """
 
 from __future__ import annotations
@@ -44,8 +43,8 @@ class EMATarget:
             param.requires_grad_(trainable.get(name, False))
             for adapter, target in self.names.items():
                 if "lora_" in name and f".{adapter}." in name:
-                    target_name_ = name.replace(f".{adapter}.", f".{target}.")
-                    self.pairs[target_name_] = (params[target_name_], param)
+                    copy_name = name.replace(f".{adapter}.", f".{target}.")
+                    self.pairs[copy_name] = (params[copy_name], param)
         with torch.no_grad():
             for target_param, online in self.pairs.values():
                 target_param.copy_(online)
