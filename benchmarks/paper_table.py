@@ -29,8 +29,17 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def variant_configs(args) -> dict:
+    """The resolved config of each variant (the stage identities follow from them)."""
+    from icd.config import load_config
+
+    common = [f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
+              f"train.icd.global_batch_size={args.icd_batch}", f"train.cycle.steps={args.cycle_steps}",
+              f"train.cycle.global_batch_size={args.cycle_batch}"]
+    return {name: load_config(args.config, common + sets) for name, sets in VARIANTS.items()}
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="jobs/configs/toy.yaml")
     parser.add_argument("--run", default="paper-table")
     parser.add_argument("--cfg-steps", type=int, default=300)
@@ -38,6 +47,11 @@ def main() -> None:
     parser.add_argument("--icd-batch", type=int, default=32)
     parser.add_argument("--cycle-steps", type=int, default=60)
     parser.add_argument("--cycle-batch", type=int, default=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_training_arguments(parser)
     parser.add_argument("--eval-count", type=int, default=128)
     parser.add_argument("--tau", type=float, default=0.7, help="dynamic CFG for the guided row (inversion tables: 0.7)")
     args = parser.parse_args()
@@ -45,7 +59,6 @@ def main() -> None:
     import ray
     import torch
 
-    from icd.config import load_config
     from icd.diffusion.boundaries import Boundaries
     from icd.evaluation.reconstruction import (consistency_reconstructor, ddim_reconstructor, load_eval_images,
                                                reconstruction_metrics)
@@ -53,15 +66,12 @@ def main() -> None:
     from icd.train.runner import run_stage
     from icd.train.stages import load_stage_bundle
 
-    common = [f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
-              f"train.icd.global_batch_size={args.icd_batch}", f"train.cycle.steps={args.cycle_steps}",
-              f"train.cycle.global_batch_size={args.cycle_batch}"]
+    configs = variant_configs(args)
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     start = time.time()
-    manifests, configs = {}, {}
-    for name, sets in VARIANTS.items():
-        configs[name] = load_config(args.config, common + sets)
+    manifests = {}
+    for name in VARIANTS:
         run_stage(configs[name], "cfg_distill", run=args.run)
         manifests[name] = run_stage(configs[name], "icd", run=args.run)
         print(f"[{time.time() - start:.0f}s] {name} trained", flush=True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from icd.diffusion.samplers import SampleOutput
-from icd.evaluation.reconstruction import latent_mse, psnr, reconstruction_metrics
+from icd.evaluation.reconstruction import latent_mse, per_image_psnr, psnr, reconstruction_metrics
 from icd.models.toy import tiny_bundle
 
 
@@ -33,3 +33,12 @@ def test_a_perfect_latent_reconstruction_scores_the_vae_round_trip():
         round_trip = bundle.decode_latents(bundle.encode_images(images))
     expected = 10 * np.log10(1 / float((((round_trip.clamp(-1, 1) + 1) / 2 - (images + 1) / 2) ** 2).mean()))
     assert metrics["mse"] == 0.0 and metrics["psnr"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_per_image_psnr_against_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(-1, 1, (3, 3, 4, 4)), rng.uniform(-1, 1, (3, 3, 4, 4))
+    b[2] = a[2]
+    expected = [10 * np.log10(1 / np.mean(((x + 1) / 2 - (y + 1) / 2) ** 2)) for x, y in zip(a[:2], b[:2])]
+    got = per_image_psnr(torch.from_numpy(a), torch.from_numpy(b))
+    assert got[:2].numpy() == pytest.approx(expected, rel=1e-9) and math.isinf(got[2])

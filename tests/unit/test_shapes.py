@@ -5,7 +5,7 @@ import pytest
 
 from icd.data.shapes import (COLORS, SHAPES, ShapeSpec, coverage, edit_spec, nearest_color, parse_caption,
                              random_sample, render, sample_spec)
-from icd.evaluation.shapes import shape_region_color
+from icd.evaluation.shapes import background_color, shape_region_color
 
 
 def test_same_seed_same_image():
@@ -75,3 +75,12 @@ def test_shape_region_colour_reads_rendered_images():
     flat = np.zeros((32, 32, 3), np.uint8) + np.array(COLORS["blue"], np.uint8)
     assert shape_region_color(flat, "blue") is None
     assert nearest_color((230, 50, 50)) == "red"
+
+
+def test_background_color_reads_rendered_images_back():
+    rng = np.random.default_rng(1)
+    samples = [render(sample_spec(rng)) for _ in range(200)]
+    assert all(background_color(s.image) == s.spec.background for s in samples)
+    flipped = samples[0].image.copy()
+    flipped[:, :] = COLORS["white" if samples[0].spec.background != "white" else "black"]
+    assert background_color(flipped) != samples[0].spec.background

@@ -30,6 +30,14 @@ def psnr(images: torch.Tensor, references: torch.Tensor) -> float:
     return float("inf") if mse == 0 else float(10.0 * np.log10(1.0 / mse))
 
 
+def per_image_psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """10 log10(1 / MSE_i) per image, pixels in [-1, 1] mapped to [0, 1] and clamped (inf where equal)."""
+    a = (images.double().clamp(-1, 1) + 1) / 2
+    b = (references.double().clamp(-1, 1) + 1) / 2
+    mse = ((a - b) ** 2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse)
+
+
 def consistency_reconstructor(boundaries: Boundaries, guidance: float = 0.0, tau: float | None = None,
                               seed: int = 0) -> Callable:
     """Encode with the forward model, decode with the reverse model (guided with w and tau if asked)."""

@@ -1,0 +1,107 @@
+"""Where the paper table's reconstruction errors come from, for the models `paper_table.py` trained.
+
+    eval "$(icd stack env)"
+    python benchmarks/paper_table.py                  # trains (or reuses) the models
+    python benchmarks/reconstruction_breakdown.py     # same arguments; trains nothing
+
+For DDIM-4 and each 4-step model (icd4, icd4_lf, icd4_lf_lr, cycle), on the same held-out
+images: pixel PSNR over the set (the table's number), the median per-image PSNR, how many images
+fall under 12 dB and how many of those come back with another background colour (read from the
+corners). For the consistency models also each half against the teacher: their encoder followed
+by DDIM-50 decoding, and the teacher's DDIM inversion up to 999 (50 steps on the consistency
+grid 19, 39, ..., 999) followed by their decoder.
+Last line: {"<row>": {"psnr": ..., "median_psnr": ..., "under_12db": ..., "background_flips": ...,
+"encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from paper_table import add_training_arguments, variant_configs
+
+BAD_PSNR = 12.0
+
+
+def teacher_inversion(bundle, x0, context, step: int = 20):
+    """DDIM inversion with the teacher (adapters off, w = 0) from the clean latent up 19, 39, ..., 999."""
+    import torch
+
+    from icd.diffusion.schedule import alpha_sigma, ddim_jump
+
+    top = len(bundle.alphas_cumprod) - 1
+    x, source = x0, (torch.tensor(1.0), torch.tensor(0.0))
+    with bundle.adapter(None):
+        for t in [t for t in range(top % step, top + 1, step) if t > 0]:  # ends on 999
+            target = alpha_sigma(bundle.alphas_cumprod, t)
+            x = ddim_jump(x, bundle.eps(x, t, context, 0.0), *source, *target).to(x0.dtype)
+            source = target
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_training_arguments(parser)
+    parser.add_argument("--eval-count", type=int, default=128)
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from icd.data.shapes import parse_caption
+    from icd.diffusion import samplers
+    from icd.diffusion.boundaries import Boundaries
+    from icd.evaluation.reconstruction import load_eval_images, per_image_psnr, psnr
+    from icd.evaluation.shapes import background_color
+    from icd.storage import S3Settings
+    from icd.train.stages import StagePaths, load_stage_bundle, read_stage_manifest
+
+    torch.set_num_threads(2)
+    configs = variant_configs(args)
+    settings = S3Settings.from_config(configs["icd4"].storage)
+    manifests = {}
+    for row, (name, stage) in {"icd4": ("icd4", "icd"), "icd4_lf": ("icd4_lf", "icd"),
+                               "icd4_lf_lr": ("icd4_lf_lr", "icd"), "cycle": ("icd4_lf_lr", "cycle")}.items():
+        paths = StagePaths.of(configs[name], stage, args.run, settings=settings)
+        manifests[row] = read_stage_manifest(paths.manifest, settings)
+        if manifests[row] is None:
+            raise SystemExit(f"{row}: no trained model at {paths.output}; run benchmarks/paper_table.py first "
+                             f"with the same arguments")
+    config = configs["icd4"]
+    images, captions = load_eval_images(settings.uri(f"datasets/{config.data.eval_dataset}"), args.eval_count,
+                                        config.model.resolution, settings)
+    backgrounds = [parse_caption(c)[2] for c in captions]
+    boundaries = Boundaries.from_config(config.method)
+
+    def summary(decoded: torch.Tensor) -> dict:
+        per_image = per_image_psnr(decoded, images)
+        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        bad = [i for i in range(len(images)) if per_image[i] < BAD_PSNR]
+        return {"psnr": round(psnr(decoded, images), 2), "median_psnr": round(float(np.median(per_image)), 2),
+                "under_12db": len(bad),
+                "background_flips": sum(background_color(pixels[i]) != backgrounds[i] for i in bad)}
+
+    table = {}
+    with torch.no_grad():
+        for row, manifest in manifests.items():
+            bundle = load_stage_bundle(manifest, settings=settings)
+            x0 = bundle.encode_images(images)
+            context = bundle.encode_prompts(captions)
+            if row == "icd4":  # the teacher is the same guidance-distilled UNet under every model
+                ddim = samplers.ddim_reconstruct(bundle, captions, 4, latents=x0, decode=True)
+                table["ddim4"] = summary(ddim.images)
+            encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
+            decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries)
+            table[row] = summary(bundle.decode_latents(decoded.latents))
+            teacher_decoded = samplers.ddim_sample(bundle, encoded.latents, context, 50).latents
+            own_decoded = samplers.consistency_decode(bundle, teacher_inversion(bundle, x0, context), context,
+                                                      boundaries).latents
+            table[row]["encoder_then_ddim50"] = round(psnr(bundle.decode_latents(teacher_decoded), images), 2)
+            table[row]["inversion_then_decoder"] = round(psnr(bundle.decode_latents(own_decoded), images), 2)
+            print(f"{row:11s} {table[row]}", flush=True)
+    print(json.dumps(table))
+
+
+if __name__ == "__main__":
+    main()
