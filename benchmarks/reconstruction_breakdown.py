@@ -9,9 +9,10 @@ images: pixel PSNR over the set (the table's number), the median per-image PSNR,
 fall under 12 dB and how many of those come back with another background colour (read from the
 corners). For the consistency models also each half against the teacher: their encoder followed
 by DDIM-50 decoding, and the teacher's DDIM inversion up to 999 (50 steps on the consistency
-grid 19, 39, ..., 999) followed by their decoder.
+grid 19, 39, ..., 999) followed by their decoder; for DDIM-4's row, that inversion followed by
+the teacher's own single jumps between the decoder's boundaries (where the decoders start).
 Last line: {"<row>": {"psnr": ..., "median_psnr": ..., "under_12db": ..., "background_flips": ...,
-"encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...}.
+"encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...} (DDIM-4: "inversion_then_teacher_jumps").
 """
 
 from __future__ import annotations
@@ -88,15 +89,18 @@ def main() -> None:
             bundle = load_stage_bundle(manifest, settings=settings)
             x0 = bundle.encode_images(images)
             context = bundle.encode_prompts(captions)
+            inverted = teacher_inversion(bundle, x0, context)
             if row == "icd4":  # the teacher is the same guidance-distilled UNet under every model
                 ddim = samplers.ddim_reconstruct(bundle, captions, 4, latents=x0, decode=True)
                 table["ddim4"] = summary(ddim.images)
+                # what the decoders start from: the teacher's own jumps between the same boundaries
+                jumps = samplers.consistency_decode(bundle, inverted, context, boundaries, adapter=None).latents
+                table["ddim4"]["inversion_then_teacher_jumps"] = round(psnr(bundle.decode_latents(jumps), images), 2)
             encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
             decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries)
             table[row] = summary(bundle.decode_latents(decoded.latents))
             teacher_decoded = samplers.ddim_sample(bundle, encoded.latents, context, 50).latents
-            own_decoded = samplers.consistency_decode(bundle, teacher_inversion(bundle, x0, context), context,
-                                                      boundaries).latents
+            own_decoded = samplers.consistency_decode(bundle, inverted, context, boundaries).latents
             table[row]["encoder_then_ddim50"] = round(psnr(bundle.decode_latents(teacher_decoded), images), 2)
             table[row]["inversion_then_decoder"] = round(psnr(bundle.decode_latents(own_decoded), images), 2)
             print(f"{row:11s} {table[row]}", flush=True)
