@@ -73,10 +73,12 @@ def test_per_sample_timesteps_broadcast():
 
 
 def test_add_noise_matches_diffusers_including_t0():
-    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     for t in (0, 19, 999):
         expected = sd_ddim().add_noise(x0, noise, torch.tensor([t, t]))
-        assert torch.allclose(add_noise(ACP, x0, noise, t).float(), expected, atol=1e-6)
+        # diffusers computes in float32: its rounding grows with |x| (up to 1.7e-6 over 200 draws)
+        assert torch.allclose(add_noise(ACP, x0, noise, t).float(), expected, rtol=1e-5, atol=1e-6)
     assert alpha_sigma(ACP, 0)[1].item() == pytest.approx(0.0292, abs=1e-4)
     assert target_alpha_sigma(ACP, 0) == (1.0, 0.0)
 
