@@ -22,15 +22,16 @@ import torch
 
 from icd.config import load_config
 from icd.train.loop import per_worker_batch, step_generator
+from icd.train.optimization import build_optimizer
 from icd.train.stages import STAGES, build_stage_model
 
 
 def plain_samples_per_s(config, stage: str, input_manifest: dict | None, batch: dict, steps: int) -> float:
-    """The train loop's arithmetic without Ray: objective, backward, clip, AdamW step."""
+    """The train loop's arithmetic without Ray: objective, backward, clip, AdamW and LR schedule step."""
     stage_config = getattr(config.train, stage)
     model = build_stage_model(stage, config, input_manifest)
     trainable = list(model.trainable_parameters().values())
-    optimizer = torch.optim.AdamW(trainable, lr=stage_config.lr, weight_decay=stage_config.weight_decay)
+    optimizer, lr_schedule = build_optimizer(trainable, stage_config)
     latents, hidden = model.encode_batch({k: torch.as_tensor(v) for k, v in batch.items()})
     start = None
     for step in range(steps):
@@ -39,6 +40,7 @@ def plain_samples_per_s(config, stage: str, input_manifest: dict | None, batch: 
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, stage_config.grad_clip)
         optimizer.step()
+        lr_schedule.step()
         if start is None:
             start = time.perf_counter()
     return (steps - 1) * len(latents) / (time.perf_counter() - start)

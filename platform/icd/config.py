@@ -136,6 +136,9 @@ class StageConfig(_Section):
 
     steps: int = Field(6000, ge=0)
     lr: float = Field(8e-6, gt=0)
+    # diffusers' schedules (`diffusers.optimization.get_scheduler`), as in its training scripts.
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0, description="linear ramp from 0 to lr over this many steps")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     global_batch_size: int = Field(512, ge=1)
@@ -144,6 +147,16 @@ class StageConfig(_Section):
     images_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+
+
+    @model_validator(mode="after")
+    def _warmup_has_a_schedule(self) -> "StageConfig":
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} is ignored by lr_scheduler 'constant': "
+                             f"expected lr_scheduler 'constant_with_warmup', 'linear' or 'cosine', or no warmup")
+        if self.lr_warmup_steps > self.steps:
+            raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps}: expected at most steps={self.steps}")
+        return self
 
 
 class TrainConfig(_Section):

@@ -4,12 +4,14 @@ checkpoints in S3, a worker killed mid-run, a finished stage submitted again."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from pyarrow.fs import FileSelector
 
@@ -22,7 +24,7 @@ STEPS = {"cfg_distill": 12, "icd": 12, "cycle": 6}
 SETTINGS = [
     "data.dataset=test-train-shapes", "data.eval_dataset=null",
     "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=1e-3",
-    "train.icd.global_batch_size=16", "train.icd.lr=1e-3",
+    "train.icd.global_batch_size=16", "train.icd.lr=1e-3", "train.icd.lr_scheduler=cosine",
     "train.cycle.global_batch_size=4",
     "method.target_ema_decay=0.95",  # the EMA target must survive the worker loss too
     *[f"train.{stage}.{key}={value}" for stage, steps in STEPS.items()
@@ -78,7 +80,14 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
     assert kept == ["step-0000008", "step-0000010", "step-0000012"]  # keep_checkpoints = 3
     last = f"{stack_env.bucket}/checkpoints/{RUN}/icd-{icd['identity']}/{kept[-1]}"
     files = {info.base_name for info in s3_filesystem().get_file_info(FileSelector(last))}
-    assert {"trainable.safetensors", "target.safetensors", "optimizer.pt", "state.json"} <= files
+    assert {"trainable.safetensors", "target.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= files
+    # the learning rate logged after each step is one cosine curve: steps 1-4 before the kill, 5-12 after
+    # (rank 0 may log step 5 before it notices worker 1 is gone: then step 5 appears twice)
+    logged = client.get_metric_history(run.info.run_id, "lr")
+    assert sorted({m.step for m in logged}) == list(range(1, STEPS["icd"] + 1))
+    for metric in logged:
+        assert metric.value == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * metric.step / STEPS["icd"])),
+                                             abs=1e-9), (metric.step, metric.value)
 
     cycle, _ = submit("cycle", env)
     assert cycle["input"] == icd["output"] and cycle["steps"] == STEPS["cycle"]

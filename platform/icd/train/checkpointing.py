@@ -5,6 +5,7 @@ One directory, reported to Ray Train (which copies it to ``RunConfig.storage_pat
     trainable.safetensors   the parameters that train (LoRA weights, w-embedding, or the whole UNet)
     target.safetensors      the EMA consistency target's adapters, when the run keeps one
     optimizer.pt            AdamW state (tensors only; loaded with ``weights_only=True``)
+    scheduler.pt            the learning-rate schedule's position (absent in checkpoints written before it)
     state.json              step, epoch, the steps it resumed from, the MLflow run id
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray.train
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LRScheduler
 
 from icd.train.target import EMATarget
 
@@ -34,20 +37,23 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                    state: TrainState, target: EMATarget | None = None) -> Path:
+                    state: TrainState, target: EMATarget | None = None, scheduler: LRScheduler | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(_cpu(trainable), str(directory / "trainable.safetensors"))
     if target is not None:
         save_file(_cpu(target.state_dict()), str(directory / "target.safetensors"))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     (directory / "state.json").write_text(json.dumps(asdict(state)))
     return directory
 
 
-def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
-                    optimizer: torch.optim.Optimizer, target: EMATarget | None = None) -> TrainState:
-    """Restore weights, optimizer (and EMA target) in place; the checkpoint must hold exactly the trainable parameters."""
+def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    target: EMATarget | None = None, scheduler: LRScheduler | None = None) -> TrainState:
+    """Restore weights, optimizer (EMA target, LR schedule) in place; the checkpoint must hold exactly the trainable
+    parameters."""
     directory = Path(directory)
     weights = load_file(str(directory / "trainable.safetensors"))
     missing, unexpected = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
@@ -63,11 +69,27 @@ def load_checkpoint(directory: Path, trainable: dict[str, torch.nn.Parameter],
             raise ValueError(f"checkpoint {directory} has no target.safetensors, but method.target_ema_decay is set "
                              f"(was it written by a run without an EMA target?)")
         target.load_state_dict(load_file(str(directory / "target.safetensors")))
-    return TrainState(**json.loads((directory / "state.json").read_text()))
+    state = TrainState(**json.loads((directory / "state.json").read_text()))
+    if scheduler is not None:
+        _restore_schedule(scheduler, directory / "scheduler.pt", state.step)
+    return state
+
+
+def _restore_schedule(scheduler: LRScheduler, path: Path, step: int) -> None:
+    if path.exists():
+        scheduler.load_state_dict(torch.load(path, weights_only=True))
+        return
+    # Written before schedules were checkpointed (by a constant-rate run, the only kind then):
+    # the schedule is a function of the step count alone, so walk it there.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(step):
+            scheduler.step()
 
 
 def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, torch.nn.Parameter],
-                       optimizer: torch.optim.Optimizer, rank: int, target: EMATarget | None = None) -> TrainState:
+                       optimizer: torch.optim.Optimizer, rank: int, target: EMATarget | None = None,
+                       scheduler: LRScheduler | None = None) -> TrainState:
     """``load_checkpoint`` from a checkpoint in storage, through a private local copy per worker.
 
     Not ``Checkpoint.as_directory()``: its directory is shared by the workers of a node, and a
@@ -75,4 +97,4 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, to
     the first is still reading (seen as a corrupt optimizer.pt on resume).
     """
     with tempfile.TemporaryDirectory(prefix=f"icd-resume-rank{rank}-") as directory:
-        return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer, target)
+        return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer, target, scheduler)

@@ -2,7 +2,7 @@
 
 build the stage's model -> restore the latest checkpoint if Ray Train hands one over ->
 wrap the objective in DDP -> for each batch of this worker's data shard: loss, backward,
-clip, step, move the EMA target if the run keeps one -> every N steps: metrics and image
+clip, step, advance the LR schedule, move the EMA target if the run keeps one -> every N steps: metrics and image
 grids to MLflow (rank 0), a checkpoint to storage -> at the end rank 0 exports the
 artifacts to the stage's output.
 """
@@ -25,6 +25,7 @@ from icd.data.feeding import epoch_batches
 from icd.diffusion.boundaries import Boundaries
 from icd.storage import S3Settings
 from icd.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
+from icd.train.optimization import build_optimizer
 from icd.train.stages import build_stage_model, export_stage
 
 NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids"]}
@@ -73,13 +74,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed)  # the same fresh adapters on every rank
     model = build_stage_model(stage, config, loop_config.get("input_manifest"), device, settings)
     trainable = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(trainable.values(), lr=stage_config.lr, weight_decay=stage_config.weight_decay)
+    optimizer, lr_schedule = build_optimizer(trainable.values(), stage_config)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.model.mixed_precision == "fp16")
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = restore_checkpoint(checkpoint, trainable, optimizer, rank, model.target)
+        state = restore_checkpoint(checkpoint, trainable, optimizer, rank, model.target, lr_schedule)
         state.resumed_from.append(state.step)
     objective = ray.train.torch.prepare_model(model.objective)  # DDP (gloo on CPU, nccl on GPU) when world > 1
 
@@ -114,6 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage_config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            lr_schedule.step()
             if model.target is not None:
                 model.target.update()
             state.step += 1
@@ -127,6 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if logger and (state.step % stage_config.log_every == 0 or state.step == stage_config.steps):
                 elapsed = time.perf_counter() - window["start"]
                 logger.log_metrics({**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item(),
+                                    "lr": optimizer.param_groups[0]["lr"],
                                     "samples_per_s": window["steps"] * batch_size * world / elapsed,
                                     "data_wait_fraction": window["wait"] / elapsed, "epoch": state.epoch},
                                    state.step)
@@ -136,7 +139,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state.step % stage_config.checkpoint_every == 0 or state.step == stage_config.steps:
                 elapsed = time.perf_counter() - timed["start"]
                 throughput = timed["steps"] * batch_size * world / elapsed if timed["steps"] else 0.0
-                _report(state, out, rank, trainable, optimizer, throughput, model.target)
+                _report(state, out, rank, trainable, optimizer, lr_schedule, throughput, model.target)
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no batch of {batch_size} in epoch {state.epoch}: "
                                f"the dataset is smaller than global_batch_size={stage_config.global_batch_size}")
@@ -147,7 +150,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         export_stage(model, loop_config["output_uri"], settings)
 
 
-def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, samples_per_s: float,
+def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, lr_schedule, samples_per_s: float,
             target=None) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     metrics = {"step": state.step, "epoch": state.epoch, "loss": out["loss"].item(),
@@ -156,7 +159,7 @@ def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, sampl
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="icd-ckpt-") as directory:
-        save_checkpoint(Path(directory), trainable, optimizer, state, target)
+        save_checkpoint(Path(directory), trainable, optimizer, state, target, lr_schedule)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                          checkpoint_dir_name=f"step-{state.step:07d}")
 

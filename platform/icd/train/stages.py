@@ -38,6 +38,11 @@ MANIFEST = "manifest.json"
 GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guidance_scales")
 
 
+# (section, field) -> the value that trains exactly as before the field existed.
+ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "constant",
+               ("train", "lr_warmup_steps"): 0}
+
+
 def check_stage(stage: str) -> str:
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
@@ -52,8 +57,11 @@ def stage_identity(config: Config, stage: str) -> str:
              "train": getattr(config.train, stage).model_dump(mode="json")}
     if stage == "cfg_distill":  # boundaries and preservation weights are the later stages' business
         parts["method"] = {k: v for k, v in parts["method"].items() if k in GUIDANCE_METHOD_FIELDS}
-    if not parts["method"].get("target_ema_decay"):  # 0 trains as before the field existed: keep those outputs
-        parts["method"].pop("target_ema_decay", None)
+    # Settings added after outputs existed are hashed only when they change the training, so those
+    # outputs keep their identities (and a resubmitted run still finds them).
+    for section, key in ADDED_LATER:
+        if parts[section].get(key) == ADDED_LATER[section, key]:
+            parts[section].pop(key)
     # Logging and checkpoint cadence do not change the weights (the draws are seeded per step).
     for key in ("log_every", "images_every", "checkpoint_every", "keep_checkpoints"):
         parts["train"].pop(key)
