@@ -1,12 +1,14 @@
 """Miniature of the iCD paper's Table 2 and Inverse-and-Edit's Table 1 on the toy preset.
 
     eval "$(icd stack env)"
-    python benchmarks/paper_table.py [--icd-steps 120] [--eval-count 128]
+    python benchmarks/paper_table.py [--seeds 0,1,2] [--icd-steps 120] [--eval-count 128]
 
 Trains, through the same stage runner as `jobs/train_stage.py` (Ray Train, 2 CPU workers,
-outputs in the stack's S3): cfg_distill once; icd with 2 / 3 / 4 steps without preservation
-losses, 4 steps + Lf, 4 steps + Lf + Lr; then cycle on top of the last. Finished stages are
-reused, so a second run only evaluates. Evaluation: reconstruction of held-out shapes images
+outputs in the stack's S3), once per seed: cfg_distill; icd with 2 / 3 / 4 steps without
+preservation losses, 4 steps + Lf, 4 steps + Lf + Lr; then cycle on top of the last. One toy
+run is not evidence (a row moves by several dB from seed to seed), so each row is the mean over
+the seeds; the line before the last gives each seed's PSNR. Finished stages are reused, so a
+second run only evaluates. Evaluation: reconstruction of held-out shapes images
 (shapes-eval) — latent MSE and pixel PSNR — for DDIM-50, DDIM-4 (the guidance-distilled
 teacher), each iCD variant, the guided decode (w = 7) without and with dynamic CFG (tau = 0.7),
 and cycle. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
@@ -29,11 +31,11 @@ VARIANTS = {
 }
 
 
-def variant_configs(args) -> dict:
-    """The resolved config of each variant (the stage identities follow from them)."""
+def variant_configs(args, seed: int = 0) -> dict:
+    """The resolved config of each variant for one seed (the stage identities follow from them)."""
     from icd.config import load_config
 
-    common = [f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
+    common = [f"seed={seed}", f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
               f"train.icd.global_batch_size={args.icd_batch}", f"train.cycle.steps={args.cycle_steps}",
               f"train.cycle.global_batch_size={args.cycle_batch}"]
     return {name: load_config(args.config, common + sets) for name, sets in VARIANTS.items()}
@@ -49,9 +51,32 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cycle-batch", type=int, default=8)
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
+def mean_table(tables: dict[int, dict]) -> dict:
+    """Per row: the mean over seeds of MSE and PSNR, and the PSNR of each seed."""
+    out = {}
+    for row in ROWS:
+        values = [tables[seed][row] for seed in tables]
+        out[row] = {"mse": sum(v["mse"] for v in values) / len(values),
+                    "psnr": sum(v["psnr"] for v in values) / len(values),
+                    "psnr_by_seed": {seed: round(tables[seed][row]["psnr"], 2) for seed in tables}}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_arguments(parser)
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
+                        help="train the whole pipeline once per seed and report the mean (one toy run is noisy)")
     parser.add_argument("--eval-count", type=int, default=128)
     parser.add_argument("--tau", type=float, default=0.7, help="dynamic CFG for the guided row (inversion tables: 0.7)")
     args = parser.parse_args()
@@ -66,48 +91,54 @@ def main() -> None:
     from icd.train.runner import run_stage
     from icd.train.stages import load_stage_bundle
 
-    configs = variant_configs(args)
+    configs = {seed: variant_configs(args, seed) for seed in args.seeds}
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
     start = time.time()
     manifests = {}
-    for name in VARIANTS:
-        run_stage(configs[name], "cfg_distill", run=args.run)
-        manifests[name] = run_stage(configs[name], "icd", run=args.run)
-        print(f"[{time.time() - start:.0f}s] {name} trained", flush=True)
-    manifests["cycle"] = run_stage(configs["icd4_lf_lr"], "cycle", run=args.run)
-    print(f"[{time.time() - start:.0f}s] cycle trained", flush=True)
+    for seed in args.seeds:
+        manifests[seed] = {}
+        for name in VARIANTS:
+            run_stage(configs[seed][name], "cfg_distill", run=args.run)
+            manifests[seed][name] = run_stage(configs[seed][name], "icd", run=args.run)
+            print(f"[{time.time() - start:.0f}s] seed {seed}: {name} trained", flush=True)
+        manifests[seed]["cycle"] = run_stage(configs[seed]["icd4_lf_lr"], "cycle", run=args.run)
+        print(f"[{time.time() - start:.0f}s] seed {seed}: cycle trained", flush=True)
     ray.shutdown()
 
     torch.set_num_threads(2)
-    config = configs["icd4"]
+    config = configs[args.seeds[0]]["icd4"]
     settings = S3Settings.from_config(config.storage)
     images, captions = load_eval_images(settings.uri(f"datasets/{config.data.eval_dataset}"), args.eval_count,
                                         config.model.resolution, settings)
-    table = {}
+    tables = {seed: {} for seed in args.seeds}
 
-    def evaluate(row: str, manifest: dict, reconstructor) -> None:
+    def evaluate(seed: int, row: str, manifest: dict, reconstructor) -> None:
         bundle = load_stage_bundle(manifest, settings=settings)
-        table[row] = reconstruction_metrics(bundle, images, captions, reconstructor)
-        print(f"{row:12s} mse {table[row]['mse']:.4f}  psnr {table[row]['psnr']:.2f} dB  nfe {table[row]['nfe']}",
+        result = tables[seed][row] = reconstruction_metrics(bundle, images, captions, reconstructor)
+        print(f"seed {seed}  {row:12s} mse {result['mse']:.4f}  psnr {result['psnr']:.2f} dB  nfe {result['nfe']}",
               flush=True)
 
-    final = manifests["icd4_lf_lr"]
-    evaluate("ddim50", final, ddim_reconstructor(50))
-    evaluate("ddim4", final, ddim_reconstructor(4))
-    for name in VARIANTS:
-        evaluate(name, manifests[name], consistency_reconstructor(Boundaries.from_config(configs[name].method)))
-    default = Boundaries.from_config(configs["icd4_lf_lr"].method)
-    evaluate("guided", final, consistency_reconstructor(default, guidance=7.0))
-    evaluate("guided_dcfg", final, consistency_reconstructor(default, guidance=7.0, tau=args.tau))
-    evaluate("cycle", manifests["cycle"], consistency_reconstructor(default))
-    log_to_mlflow(config, table, vars(args))
+    for seed in args.seeds:
+        final = manifests[seed]["icd4_lf_lr"]
+        evaluate(seed, "ddim50", final, ddim_reconstructor(50))
+        evaluate(seed, "ddim4", final, ddim_reconstructor(4))
+        for name in VARIANTS:
+            reconstructor = consistency_reconstructor(Boundaries.from_config(configs[seed][name].method))
+            evaluate(seed, name, manifests[seed][name], reconstructor)
+        default = Boundaries.from_config(configs[seed]["icd4_lf_lr"].method)
+        evaluate(seed, "guided", final, consistency_reconstructor(default, guidance=7.0))
+        evaluate(seed, "guided_dcfg", final, consistency_reconstructor(default, guidance=7.0, tau=args.tau))
+        evaluate(seed, "cycle", manifests[seed]["cycle"], consistency_reconstructor(default))
+    table = mean_table(tables)
+    log_to_mlflow(config, tables, vars(args))
+    print("psnr by seed:", json.dumps({row: table[row]["psnr_by_seed"] for row in ROWS}))
     print(json.dumps({row: {"mse": round(table[row]["mse"], 5), "psnr": round(table[row]["psnr"], 2)}
                       for row in ROWS}))
 
 
-def log_to_mlflow(config, table: dict, params: dict) -> None:
-    """The table as CSV in an `icd-benchmarks` run, when a tracking server is configured."""
+def log_to_mlflow(config, tables: dict[int, dict], params: dict) -> None:
+    """Every seed's table as CSV, and the means as metrics, in an `icd-benchmarks` run (when tracking is set up)."""
     import os
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
@@ -116,10 +147,11 @@ def log_to_mlflow(config, table: dict, params: dict) -> None:
 
     mlflow.set_experiment("icd-benchmarks")
     with mlflow.start_run(run_name="paper_table"):
-        mlflow.log_params(params)
-        lines = ["row,mse,psnr,nfe"] + [f"{r},{v['mse']:.6f},{v['psnr']:.3f},{v['nfe']}" for r, v in table.items()]
+        mlflow.log_params({k: v for k, v in params.items() if k != "seeds"} | {"seeds": ",".join(map(str, params["seeds"]))})
+        lines = ["seed,row,mse,psnr,nfe"] + [f"{seed},{r},{v['mse']:.6f},{v['psnr']:.3f},{v['nfe']}"
+                                             for seed, table in tables.items() for r, v in table.items()]
         mlflow.log_text("\n".join(lines) + "\n", "paper_table.csv")
-        for row, values in table.items():
+        for row, values in mean_table(tables).items():
             mlflow.log_metrics({f"{row}_mse": values["mse"], f"{row}_psnr": values["psnr"]})
 
 

@@ -44,6 +44,7 @@ def teacher_inversion(bundle, x0, context, step: int = 20):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="which of paper_table.py's seeds to break down")
     parser.add_argument("--eval-count", type=int, default=128)
     args = parser.parse_args()
 
@@ -59,7 +60,7 @@ def main() -> None:
     from icd.train.stages import StagePaths, load_stage_bundle, read_stage_manifest
 
     torch.set_num_threads(2)
-    configs = variant_configs(args)
+    configs = variant_configs(args, args.seed)
     settings = S3Settings.from_config(configs["icd4"].storage)
     manifests = {}
     for row, (name, stage) in {"icd4": ("icd4", "icd"), "icd4_lf": ("icd4_lf", "icd"),
