@@ -147,7 +147,7 @@ def log_to_mlflow(config, tables: dict[int, dict], params: dict) -> None:
 
     mlflow.set_experiment("icd-benchmarks")
     with mlflow.start_run(run_name="paper_table"):
-        mlflow.log_params({k: v for k, v in params.items() if k != "seeds"} | {"seeds": ",".join(map(str, params["seeds"]))})
+        mlflow.log_params({**params, "seeds": ",".join(map(str, params["seeds"]))})
         lines = ["seed,row,mse,psnr,nfe"] + [f"{seed},{r},{v['mse']:.6f},{v['psnr']:.3f},{v['nfe']}"
                                              for seed, table in tables.items() for r, v in table.items()]
         mlflow.log_text("\n".join(lines) + "\n", "paper_table.csv")

@@ -148,7 +148,6 @@ class StageConfig(_Section):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
 
-
     @model_validator(mode="after")
     def _warmup_has_a_schedule(self) -> "StageConfig":
         if self.lr_warmup_steps and self.lr_scheduler == "constant":

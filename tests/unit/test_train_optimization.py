@@ -90,5 +90,6 @@ def test_a_schedule_changes_the_stage_identity_and_the_default_keeps_older_ones(
     # the paper table's 4-step model, trained before schedules existed (models/paper-table/icd-72cb281ebc5b)
     older = load_config("jobs/configs/toy.yaml", [
         "train.cfg_distill.steps=300", "train.icd.steps=120", "train.icd.global_batch_size=32",
-        "train.cycle.steps=60", "train.cycle.global_batch_size=8", "method.lambda_forward=0", "method.lambda_reverse=0"])
+        "train.cycle.steps=60", "train.cycle.global_batch_size=8",
+        "method.lambda_forward=0", "method.lambda_reverse=0"])
     assert stage_identity(older, "icd") == "72cb281ebc5b"

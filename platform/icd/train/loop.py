@@ -2,9 +2,9 @@
 
 build the stage's model -> restore the latest checkpoint if Ray Train hands one over ->
 wrap the objective in DDP -> for each batch of this worker's data shard: loss, backward,
-clip, step, advance the LR schedule, move the EMA target if the run keeps one -> every N steps: metrics and image
-grids to MLflow (rank 0), a checkpoint to storage -> at the end rank 0 exports the
-artifacts to the stage's output.
+clip, step, advance the LR schedule, move the EMA target if the run keeps one -> every N
+steps: metrics and image grids to MLflow (rank 0), a checkpoint to storage -> at the end
+rank 0 exports the artifacts to the stage's output.
 """
 
 from __future__ import annotations
