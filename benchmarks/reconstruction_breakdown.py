@@ -5,14 +5,16 @@
     python benchmarks/reconstruction_breakdown.py     # same arguments; trains nothing
 
 For DDIM-4 and each 4-step model (icd4, icd4_lf, icd4_lf_lr, cycle), on the same held-out
-images: pixel PSNR over the set (the table's number), the median per-image PSNR, how many images
-fall under 12 dB and how many of those come back with another background colour (read from the
-corners). For the consistency models also each half against the teacher: their encoder followed
-by DDIM-50 decoding, and the teacher's DDIM inversion up to 999 (50 steps on the consistency
-grid 19, 39, ..., 999) followed by their decoder; for DDIM-4's row, that inversion followed by
-the teacher's own single jumps between the decoder's boundaries (where the decoders start).
-Last line: {"<row>": {"psnr": ..., "median_psnr": ..., "under_12db": ..., "background_flips": ...,
-"encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...} (DDIM-4: "inversion_then_teacher_jumps").
+images: pixel PSNR (the table's number: the mean of per-image PSNRs), the PSNR of the set's MSE,
+the median per-image PSNR, how many images fall under 12 dB and how many of those come back
+with another background colour (read from the corners). For the consistency models also each
+half against the teacher: their encoder followed by DDIM-50 decoding, and the teacher's DDIM
+inversion up to 999 (50 steps on the consistency grid 19, 39, ..., 999) followed by their
+decoder; for DDIM-4's row, that inversion followed by the teacher's own single jumps between
+the decoder's boundaries (where the decoders start). Those PSNRs are per-image means too.
+Last line: {"<row>": {"psnr": ..., "psnr_pooled": ..., "median_psnr": ..., "under_12db": ...,
+"background_flips": ..., "encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...}
+(DDIM-4: "inversion_then_teacher_jumps").
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main() -> None:
     from icd.data.shapes import parse_caption
     from icd.diffusion import samplers
     from icd.diffusion.boundaries import Boundaries
-    from icd.evaluation.reconstruction import load_eval_images, per_image_psnr, psnr
+    from icd.evaluation.reconstruction import load_eval_images, mean_psnr, per_image_psnr, pooled_psnr
     from icd.evaluation.shapes import background_color
     from icd.storage import S3Settings
     from icd.train.stages import StagePaths, load_stage_bundle, read_stage_manifest
@@ -80,7 +82,8 @@ def main() -> None:
         per_image = per_image_psnr(decoded, images)
         pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         bad = [i for i in range(len(images)) if per_image[i] < BAD_PSNR]
-        return {"psnr": round(psnr(decoded, images), 2), "median_psnr": round(float(np.median(per_image)), 2),
+        return {"psnr": round(mean_psnr(decoded, images), 2), "psnr_pooled": round(pooled_psnr(decoded, images), 2),
+                "median_psnr": round(float(np.median(per_image)), 2),
                 "under_12db": len(bad),
                 "background_flips": sum(background_color(pixels[i]) != backgrounds[i] for i in bad)}
 
@@ -96,14 +99,14 @@ def main() -> None:
                 table["ddim4"] = summary(ddim.images)
                 # what the decoders start from: the teacher's own jumps between the same boundaries
                 jumps = samplers.consistency_decode(bundle, inverted, context, boundaries, adapter=None).latents
-                table["ddim4"]["inversion_then_teacher_jumps"] = round(psnr(bundle.decode_latents(jumps), images), 2)
+                table["ddim4"]["inversion_then_teacher_jumps"] = round(mean_psnr(bundle.decode_latents(jumps), images), 2)
             encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
             decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries)
             table[row] = summary(bundle.decode_latents(decoded.latents))
             teacher_decoded = samplers.ddim_sample(bundle, encoded.latents, context, 50).latents
             own_decoded = samplers.consistency_decode(bundle, inverted, context, boundaries).latents
-            table[row]["encoder_then_ddim50"] = round(psnr(bundle.decode_latents(teacher_decoded), images), 2)
-            table[row]["inversion_then_decoder"] = round(psnr(bundle.decode_latents(own_decoded), images), 2)
+            table[row]["encoder_then_ddim50"] = round(mean_psnr(bundle.decode_latents(teacher_decoded), images), 2)
+            table[row]["inversion_then_decoder"] = round(mean_psnr(bundle.decode_latents(own_decoded), images), 2)
             print(f"{row:11s} {table[row]}", flush=True)
     print(json.dumps(table))
 

@@ -27,7 +27,7 @@ def test_both_kinds_fill_every_column_with_their_nfe():
     assert (rows["icd"]["reconstruction_nfe"], rows["icd"]["edit_nfe"]) == (8, 8)
     assert all(0 <= rows["icd"][k] <= 1 for k in ("edit_success", "mask_iou", "caption_accuracy"))
     csv = table_csv(rows, lpips.name)
-    assert csv.splitlines()[0].startswith("model,mse,psnr,lpips_randvgg,") and len(csv.splitlines()) == 3
+    assert csv.splitlines()[0].startswith("model,mse,psnr,psnr_pooled,lpips_randvgg,") and len(csv.splitlines()) == 3
     assert table_png(rows, lpips.name)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,5 +61,5 @@ def test_real_photo_captions_get_the_reconstruction_columns_only():
     rows = {"laion": row, "shapes": evaluate(bundle, "consistency", shapes_images, [s.caption for s in shapes],
                                              EditingConfig(), lpips, boundaries)}
     header, laion, _ = table_csv(rows, lpips.name).splitlines()
-    assert header.split(",")[4] == "edit_success" and laion.split(",")[4] == ""  # a blank cell, not a crash
+    assert header.split(",")[5] == "edit_success" and laion.split(",")[5] == ""  # a blank cell, not a crash
     assert table_png(rows, lpips.name)[:8] == b"\x89PNG\r\n\x1a\n"
