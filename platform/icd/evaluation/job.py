@@ -13,11 +13,15 @@ from icd.config import Config
 from icd.storage import S3Settings, read_json
 
 EVALUATION = "evaluation.json"
+# Bumped when a metric's definition changes, so that older evaluations are recomputed rather
+# than reused and registry versions measured differently are not compared with each other.
+# 2: ``psnr`` is the mean of per-image PSNRs (1: the PSNR of the set's MSE).
+METRICS_VERSION = 2
 
 
 def evaluation_key(config: Config, eval_count: int, teacher: bool) -> str:
     blob = json.dumps([config.data.eval_dataset, eval_count, teacher, config.editing.model_dump(mode="json"),
-                       config.method.lpips_pretrained_backbone, config.seed], sort_keys=True)
+                       config.method.lpips_pretrained_backbone, config.seed, METRICS_VERSION], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -51,7 +55,8 @@ def evaluate_stage(config: Config, manifest: dict, eval_count: int = 128, teache
         rows["ddim50"] = evaluate(bundle, "ddim", images, captions, config.editing, lpips, seed=config.seed)
     rows[manifest["stage"]] = evaluate(bundle, "consistency", images, captions, config.editing, lpips, boundaries,
                                        seed=config.seed)
-    result = {"key": key, "model": manifest["output"], "lpips": lpips.name, "eval_count": len(images), "rows": rows}
+    result = {"key": key, "model": manifest["output"], "lpips": lpips.name, "eval_count": len(images),
+              "metrics_version": METRICS_VERSION, "rows": rows}
     write_json(uri, result, settings)
     return {**result, "reused": False}
 

@@ -2,7 +2,9 @@
 
 Metrics travel with each registered version as tags ``metric.<name>`` (``icd.psnr``,
 ``cycle.edit_success``, ...), so a decision needs nothing but the registry. A candidate that
-fails gets alias ``challenger`` and a tag saying why.
+fails gets alias ``challenger`` and a tag saying why. Tag ``icd.metrics_version`` says which
+metric definitions produced them: a champion measured under other definitions is not a
+yardstick (its PSNR meant something else), so only the thresholds apply.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 METRIC_TAG = "metric."
+METRICS_VERSION_TAG = "icd.metrics_version"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -43,9 +46,14 @@ def version_metrics(version) -> dict[str, float]:
     return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
-def tag_metrics(client, name: str, version: str, metrics: dict[str, float]) -> None:
+def tag_metrics(client, name: str, version: str, metrics: dict[str, float], metrics_version: int | None = None) -> None:
+    """Tag each metric as ``metric.<name>``, and the metric definitions' version (default: the current one)."""
+    from icd.evaluation.job import METRICS_VERSION
+
     for key, value in metrics.items():
         client.set_model_version_tag(name, version, f"{METRIC_TAG}{key}", str(value))
+    client.set_model_version_tag(name, version, METRICS_VERSION_TAG,
+                                 str(METRICS_VERSION if metrics_version is None else metrics_version))
 
 
 def promote(client, name: str, version: str, gates) -> Decision:
@@ -59,10 +67,17 @@ def promote(client, name: str, version: str, gates) -> Decision:
         current = None
     if current is not None and current.version == str(version):
         return Decision(True, ["already the champion"])
-    decision = decide(version_metrics(candidate), version_metrics(current) if current else None, gates)
+    comparable = current is not None and (current.tags.get(METRICS_VERSION_TAG)
+                                          == candidate.tags.get(METRICS_VERSION_TAG))
+    decision = decide(version_metrics(candidate), version_metrics(current) if comparable else None, gates)
+    if current is not None and not comparable:
+        decision.reasons.append(f"not compared with champion version {current.version}: its metrics version is "
+                                f"{current.tags.get(METRICS_VERSION_TAG, 'unknown')}, this one's "
+                                f"{candidate.tags.get(METRICS_VERSION_TAG, 'unknown')} (thresholds only)")
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version)
-        summary = f"promoted over version {current.version}" if current else "first champion"
+        summary = "; ".join([f"promoted over version {current.version}" if current else "first champion",
+                             *decision.reasons])
         client.set_model_version_tag(name, version, "icd.promotion", summary)
     else:
         client.set_registered_model_alias(name, CHALLENGER, version)
