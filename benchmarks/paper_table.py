@@ -10,9 +10,9 @@ run is not evidence (a row moves by several dB from seed to seed), so each row i
 the seeds; the line before the last gives each seed's PSNR. Finished stages are reused, so a
 second run only evaluates. Evaluation: reconstruction of held-out shapes images
 (shapes-eval) — latent MSE and pixel PSNR (the mean of per-image PSNRs, as the published iCD
-evaluation computes it; the PSNR of the set's MSE is printed and logged too) — for DDIM-50, DDIM-4 (the guidance-distilled
-teacher), each iCD variant, the guided decode (w = 7) without and with dynamic CFG (tau = 0.7),
-and cycle. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
+evaluation computes it; the PSNR of the set's MSE is printed and logged too) — for DDIM-50,
+DDIM-4 (the guidance-distilled teacher), each iCD variant, the guided decode (w = 7) without and
+with dynamic CFG (tau = 0.7), and cycle. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
 """
 
 from __future__ import annotations

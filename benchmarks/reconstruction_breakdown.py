@@ -11,9 +11,13 @@ with another background colour (read from the corners). For the consistency mode
 half against the teacher: their encoder followed by DDIM-50 decoding, and the teacher's DDIM
 inversion up to 999 (50 steps on the consistency grid 19, 39, ..., 999) followed by their
 decoder; for DDIM-4's row, that inversion followed by the teacher's own single jumps between
-the decoder's boundaries (where the decoders start). Those PSNRs are per-image means too.
+the decoder's boundaries (where the decoders start). Those PSNRs are per-image means too. And
+the standard deviation of the encoder's latents at 999 (the diffusion marginal's is ~1.0), and
+the PSNR and background flips when the decoder's first segment (999 -> 779) is replaced by the
+teacher's DDIM steps (20 apart) from the encoder's latents.
 Last line: {"<row>": {"psnr": ..., "psnr_pooled": ..., "median_psnr": ..., "under_12db": ...,
-"background_flips": ..., "encoder_then_ddim50": ..., "inversion_then_decoder": ...}, ...}
+"background_flips": ..., "encoder_then_ddim50": ..., "inversion_then_decoder": ...,
+"encoder_std_999": ..., "teacher_first_segment_psnr": ..., "teacher_first_segment_flips": ...}, ...}
 (DDIM-4: "inversion_then_teacher_jumps").
 """
 
@@ -41,6 +45,25 @@ def teacher_inversion(bundle, x0, context, step: int = 20):
             x = ddim_jump(x, bundle.eps(x, t, context, 0.0), *source, *target).to(x0.dtype)
             source = target
     return x
+
+
+def teacher_then_decoder(bundle, x_top, context, boundaries, step: int = 20):
+    """The decoder with its first segment (999 -> 779) replaced by the teacher's DDIM steps of ``step``."""
+    import torch
+
+    from icd.diffusion import samplers
+    from icd.diffusion.boundaries import Boundaries
+    from icd.diffusion.schedule import ddim_jump_timesteps
+
+    top, end = boundaries.reverse_timesteps[0], boundaries.reverse_timesteps[1]
+    grid = [*range(top, end, -step), end]
+    x = x_top
+    with bundle.adapter(None):
+        for t, s in zip(grid[:-1], grid[1:]):
+            x = ddim_jump_timesteps(bundle.alphas_cumprod, x, bundle.eps(x, t, context, 0.0), torch.tensor(t),
+                                    torch.tensor(s)).to(x_top.dtype)
+    rest = Boundaries(boundaries.reverse_timesteps[1:], boundaries.forward_timesteps, boundaries.num_train_timesteps)
+    return samplers.consistency_decode(bundle, x, context, rest).latents
 
 
 def main() -> None:
@@ -99,7 +122,8 @@ def main() -> None:
                 table["ddim4"] = summary(ddim.images)
                 # what the decoders start from: the teacher's own jumps between the same boundaries
                 jumps = samplers.consistency_decode(bundle, inverted, context, boundaries, adapter=None).latents
-                table["ddim4"]["inversion_then_teacher_jumps"] = round(mean_psnr(bundle.decode_latents(jumps), images), 2)
+                table["ddim4"]["inversion_then_teacher_jumps"] = round(
+                    mean_psnr(bundle.decode_latents(jumps), images), 2)
             encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
             decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries)
             table[row] = summary(bundle.decode_latents(decoded.latents))
@@ -107,6 +131,11 @@ def main() -> None:
             own_decoded = samplers.consistency_decode(bundle, inverted, context, boundaries).latents
             table[row]["encoder_then_ddim50"] = round(mean_psnr(bundle.decode_latents(teacher_decoded), images), 2)
             table[row]["inversion_then_decoder"] = round(mean_psnr(bundle.decode_latents(own_decoded), images), 2)
+            # how far the encoder's latents are from the diffusion marginal at 999 (standard deviation ~1.0)
+            table[row]["encoder_std_999"] = round(float(encoded.latents.std()), 3)
+            first = summary(bundle.decode_latents(teacher_then_decoder(bundle, encoded.latents, context, boundaries)))
+            table[row]["teacher_first_segment_psnr"] = first["psnr"]
+            table[row]["teacher_first_segment_flips"] = first["background_flips"]
             print(f"{row:11s} {table[row]}", flush=True)
     print(json.dumps(table))
 
