@@ -14,7 +14,9 @@ decoder; for DDIM-4's row, that inversion followed by the teacher's own single j
 the decoder's boundaries (where the decoders start). Those PSNRs are per-image means too. And
 the standard deviation of the encoder's latents at 999 (the diffusion marginal's is ~1.0), and
 the PSNR and background flips when the decoder's first segment (999 -> 779) is replaced by the
-teacher's DDIM steps (20 apart) from the encoder's latents.
+teacher's DDIM steps (20 apart) from the encoder's latents. With ``--checkpoints``, also the
+latent MSE, PSNR and flips of 4 + Lf and 4 + Lf + Lr at each checkpoint their runs kept (row
+key "checkpoints": {step: {"mse": ..., "psnr": ..., "background_flips": ...}}).
 Last line: {"<row>": {"psnr": ..., "psnr_pooled": ..., "median_psnr": ..., "under_12db": ...,
 "background_flips": ..., "encoder_then_ddim50": ..., "inversion_then_decoder": ...,
 "encoder_std_999": ..., "teacher_first_segment_psnr": ..., "teacher_first_segment_flips": ...}, ...}
@@ -66,11 +68,30 @@ def teacher_then_decoder(bundle, x_top, context, boundaries, step: int = 20):
     return samplers.consistency_decode(bundle, x, context, rest).latents
 
 
+def kept_checkpoints(paths, settings) -> list[tuple[int, dict]]:
+    """(step, trainable weights) of each checkpoint Ray Train kept for a stage, in step order."""
+    import pyarrow.fs as pafs
+    from safetensors.torch import load
+
+    from icd.storage import filesystem_for
+
+    fs, root = filesystem_for(f"{paths.storage_path}/{paths.trainer_name}", settings)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        name = info.path.rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name.startswith("step-"):
+            with fs.open_input_stream(f"{info.path}/trainable.safetensors") as f:
+                found.append((int(name.removeprefix("step-")), load(f.read())))
+    return sorted(found, key=lambda item: item[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="which of paper_table.py's seeds to break down")
     parser.add_argument("--eval-count", type=int, default=128)
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="also reconstruct with each kept checkpoint of icd4_lf and icd4_lf_lr")
     args = parser.parse_args()
 
     import numpy as np
@@ -79,7 +100,7 @@ def main() -> None:
     from icd.data.shapes import parse_caption
     from icd.diffusion import samplers
     from icd.diffusion.boundaries import Boundaries
-    from icd.evaluation.reconstruction import load_eval_images, mean_psnr, per_image_psnr, pooled_psnr
+    from icd.evaluation.reconstruction import latent_mse, load_eval_images, mean_psnr, per_image_psnr, pooled_psnr
     from icd.evaluation.shapes import background_color
     from icd.storage import S3Settings
     from icd.train.stages import StagePaths, load_stage_bundle, read_stage_manifest
@@ -137,6 +158,20 @@ def main() -> None:
             table[row]["teacher_first_segment_psnr"] = first["psnr"]
             table[row]["teacher_first_segment_flips"] = first["background_flips"]
             print(f"{row:11s} {table[row]}", flush=True)
+        for row in ("icd4_lf", "icd4_lf_lr") if args.checkpoints else ():
+            bundle = load_stage_bundle(manifests[row], settings=settings)
+            parameters = dict(bundle.unet.named_parameters())
+            table[row]["checkpoints"] = {}
+            for step, weights in kept_checkpoints(StagePaths.of(configs[row], "icd", args.run, settings=settings),
+                                                  settings):
+                for name, value in weights.items():
+                    parameters[name].copy_(value)
+                encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
+                decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries).latents
+                result = summary(bundle.decode_latents(decoded))
+                table[row]["checkpoints"][step] = {"mse": round(latent_mse(decoded, x0), 4),
+                                                   **{k: result[k] for k in ("psnr", "background_flips")}}
+                print(f"{row:11s} step {step}: {table[row]['checkpoints'][step]}", flush=True)
     print(json.dumps(table))
 
 
