@@ -1,4 +1,4 @@
-"""Editing modes on the shapes world: edit success against preservation over each mode's main knob.
+"""Editing modes on the shapes world: in-place success against preservation over each mode's main knob.
 
     eval "$(icd stack env)"
     python benchmarks/edit_modes.py [--run paper-table --stage cycle | --manifest s3://.../manifest.json]
@@ -8,7 +8,8 @@ the newest `cycle` output of the paper-table run): `switch` over the guidance sc
 `p2p` over the self-attention injection fraction, `guided` over a scale on the self-attention
 energy weights. Writes the trade-off curve as CSV and PNG (and logs both to MLflow when a
 tracking server is configured). Last line, each mode at its default:
-{"<mode>": {"edit_success": ..., "background_psnr": ..., "nfe": ..., "ms_per_edit": ...}, ...}
+{"<mode>": {"inplace_success": ..., "shape_iou": ..., "background_psnr": ..., "edit_success": ..., "nfe": ...,
+"ms_per_edit": ...}, ...} (the metrics: icd.evaluation.editing)
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
     from icd.editing.guided import GuidedOptions
     from icd.editing.modes import edit
     from icd.editing.p2p import P2POptions
-    from icd.evaluation.editing import editing_metrics
+    from icd.evaluation.editing import EDIT_METRICS, editing_metrics
     from icd.evaluation.reconstruction import load_eval_images
     from icd.storage import S3Settings
     from icd.train.stages import latest_stage_manifest, load_stage_bundle, read_stage_manifest
@@ -84,20 +85,20 @@ def main() -> None:
             metrics = editing_metrics(run, images, captions)
             rows.append({"mode": mode, "knob": knob, "value": value, "default": value == default, **metrics,
                          "nfe": nfe["value"]})
-            print(f"{mode:7s} {knob}={value:<6} success {metrics['edit_success']:.3f}  background "
-                  f"{metrics['background_psnr']:.2f} dB  iou {metrics['mask_iou']:.3f}  nfe {nfe['value']}  "
-                  f"{metrics['ms_per_edit']:.1f} ms/edit", flush=True)
+            print(f"{mode:7s} {knob}={value:<6} in place {metrics['inplace_success']:.3f}  shape IoU "
+                  f"{metrics['shape_iou']:.3f}  background {metrics['background_psnr']:.2f} dB  edit success "
+                  f"{metrics['edit_success']:.3f}  nfe {nfe['value']}  {metrics['ms_per_edit']:.1f} ms/edit", flush=True)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "edit_modes.csv", out / "edit_modes.png"
-    columns = ["mode", "knob", "value", "default", "edit_success", "background_psnr", "mask_iou", "nfe", "ms_per_edit"]
+    columns = ["mode", "knob", "value", "default", *EDIT_METRICS, "nfe", "ms_per_edit"]
     csv_path.write_text("\n".join([",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]) + "\n")
     plot(rows, png_path)
-    log_to_mlflow(csv_path, png_path, manifest)
-    print(json.dumps({r["mode"]: {"edit_success": round(r["edit_success"], 3),
-                                  "background_psnr": round(r["background_psnr"], 2), "nfe": r["nfe"],
-                                  "ms_per_edit": round(r["ms_per_edit"], 1)} for r in rows if r["default"]}))
+    defaults = {r["mode"]: {**{k: round(r[k], 3) for k in EDIT_METRICS}, "nfe": r["nfe"],
+                            "ms_per_edit": round(r["ms_per_edit"], 1)} for r in rows if r["default"]}
+    log_to_mlflow(csv_path, png_path, manifest, defaults)
+    print(json.dumps(defaults))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -109,11 +110,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in SWEEPS:
         points = [r for r in rows if r["mode"] == mode]
-        ax.plot([r["background_psnr"] for r in points], [r["edit_success"] for r in points], marker="o", label=mode)
+        ax.plot([r["background_psnr"] for r in points], [r["inplace_success"] for r in points], marker="o", label=mode)
         for r in points:
-            ax.annotate(f"{r['value']:g}", (r["background_psnr"], r["edit_success"]), fontsize=7)
+            ax.annotate(f"{r['value']:g}", (r["background_psnr"], r["inplace_success"]), fontsize=7)
     ax.set_xlabel("background PSNR (dB), preservation")
-    ax.set_ylabel("edit success (colour swaps)")
+    ax.set_ylabel("in-place success (colour swaps)")
     ax.set_title("Editing modes on the shapes world")
     ax.legend()
     fig.tight_layout()
@@ -121,7 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def log_to_mlflow(csv_path: Path, png_path: Path, manifest: dict) -> None:
+def log_to_mlflow(csv_path: Path, png_path: Path, manifest: dict, defaults: dict[str, dict]) -> None:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         return
     import mlflow
@@ -131,6 +132,7 @@ def log_to_mlflow(csv_path: Path, png_path: Path, manifest: dict) -> None:
         mlflow.log_params({"model": manifest["output"], "stage": manifest["stage"]})
         mlflow.log_artifact(str(csv_path))
         mlflow.log_artifact(str(png_path))
+        mlflow.log_metrics({f"{mode}.{k}": float(v) for mode, row in defaults.items() for k, v in row.items()})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_both_kinds_fill_every_column_with_their_nfe():
     assert set(rows["icd"]) == set(COLUMNS)
     assert (rows["ddim2"]["reconstruction_nfe"], rows["ddim2"]["edit_nfe"]) == (4, 4)
     assert (rows["icd"]["reconstruction_nfe"], rows["icd"]["edit_nfe"]) == (8, 8)
-    assert all(0 <= rows["icd"][k] <= 1 for k in ("edit_success", "mask_iou", "caption_accuracy"))
+    assert all(0 <= rows["icd"][k] <= 1 for k in ("inplace_success", "edit_success", "shape_iou", "caption_accuracy", "shape_accuracy"))
     csv = table_csv(rows, lpips.name)
     assert csv.splitlines()[0].startswith("model,mse,psnr,psnr_pooled,lpips_randvgg,") and len(csv.splitlines()) == 3
     assert table_png(rows, lpips.name)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -41,6 +41,26 @@ def test_caption_accuracy_reads_the_colour_back():
     assert caption_accuracy(oracle, [s.caption for s in samples]) == 1.0
     blank = lambda prompts: torch.zeros(len(prompts), 3, 32, 32)  # noqa: E731 (grey: never the caption's colour)
     assert caption_accuracy(blank, [s.caption for s in samples]) == 0.0
+
+
+def test_shape_accuracy_reads_the_shape_back_and_is_independent_of_colour():
+    import dataclasses
+
+    from icd.data.shapes import SHAPES, render
+    from icd.evaluation.report import generation_metrics
+
+    samples = [random_sample(s) for s in range(8)]
+    by_caption = {s.caption: s.spec for s in samples}
+
+    def draw(prompts, shift):  # the caption's colour and place, the shape `shift` places further in SHAPES
+        specs = [by_caption[p] for p in prompts]
+        specs = [dataclasses.replace(s, shape=SHAPES[(SHAPES.index(s.shape) + shift) % len(SHAPES)]) for s in specs]
+        images = np.stack([render(s).image for s in specs])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    captions = [s.caption for s in samples]
+    assert generation_metrics(lambda p: draw(p, 0), captions) == {"caption_accuracy": 1.0, "shape_accuracy": 1.0}
+    assert generation_metrics(lambda p: draw(p, 1), captions) == {"caption_accuracy": 1.0, "shape_accuracy": 0.0}
 
 
 def test_real_photo_captions_get_the_reconstruction_columns_only():
@@ -61,5 +81,5 @@ def test_real_photo_captions_get_the_reconstruction_columns_only():
     rows = {"laion": row, "shapes": evaluate(bundle, "consistency", shapes_images, [s.caption for s in shapes],
                                              EditingConfig(), lpips, boundaries)}
     header, laion, _ = table_csv(rows, lpips.name).splitlines()
-    assert header.split(",")[5] == "edit_success" and laion.split(",")[5] == ""  # a blank cell, not a crash
+    assert header.split(",")[5] == "inplace_success" and laion.split(",")[5] == ""  # a blank cell, not a crash
     assert table_png(rows, lpips.name)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,9 @@ EVALUATION = "evaluation.json"
 # Bumped when a metric's definition changes, so that older evaluations are recomputed rather
 # than reused and registry versions measured differently are not compared with each other.
 # 2: ``psnr`` is the mean of per-image PSNRs (1: the PSNR of the set's MSE).
-METRICS_VERSION = 2
+# 3: edits get ``inplace_success`` and ``shape_iou`` (the renderer's coverage mask read back;
+#    it replaces ``mask_iou``), generations ``shape_accuracy``.
+METRICS_VERSION = 3
 
 
 def evaluation_key(config: Config, eval_count: int, teacher: bool) -> str:

@@ -3,8 +3,9 @@
 Rows of the table: ``ddim50`` (the guidance-distilled teacher: DDIM-50 inversion and
 sampling), and each trained consistency model (``icd``, ``cycle``). Columns: latent MSE,
 PSNR (the mean of per-image PSNRs, as the papers report; ``psnr_pooled``: of the set's MSE),
-LPIPS (``lpips_randvgg`` offline), edit success, background PSNR, mask IoU, caption accuracy
-of generations, and the UNet passes per reconstruction / edit.
+LPIPS (``lpips_randvgg`` offline), the colour-edit scores of ``icd.evaluation.editing``
+(in-place success, shape IoU, background PSNR, edit success), the caption colour and shape
+accuracy of generations, and the UNet passes per reconstruction / edit.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ import torch
 
 from icd.diffusion import samplers
 from icd.diffusion.boundaries import Boundaries
-from icd.evaluation.editing import editing_metrics, to_uint8_hwc
+from icd.evaluation.editing import EDIT_METRICS, editing_metrics, to_uint8_hwc
 from icd.evaluation.reconstruction import consistency_reconstructor, ddim_reconstructor, reconstruction_metrics
-from icd.evaluation.shapes import shape_region_color
+from icd.evaluation.shapes import read_shape, shape_region_color
 from icd.models.bundle import ModelBundle
 
-COLUMNS = ("mse", "psnr", "psnr_pooled", "lpips", "edit_success", "background_psnr", "mask_iou", "caption_accuracy",
-           "reconstruction_nfe", "edit_nfe")
+GENERATION_METRICS = ("caption_accuracy", "shape_accuracy")
+COLUMNS = ("mse", "psnr", "psnr_pooled", "lpips", *EDIT_METRICS, *GENERATION_METRICS, "reconstruction_nfe", "edit_nfe")
 # Reconstruction works on any held-out images; the edit and caption columns need shapes-world
 # captions (the target colour is read back from the pixels). Real photos get their editing
 # scores from a CSV of edit pairs instead (CLIP-T, DINOv2: icd.evaluation.semantic).
-SHAPES_WORLD_COLUMNS = ("edit_success", "background_psnr", "mask_iou", "caption_accuracy", "edit_nfe")
+SHAPES_WORLD_COLUMNS = (*EDIT_METRICS, *GENERATION_METRICS, "edit_nfe")
 
 
 def is_shapes_world(captions: list[str]) -> bool:
@@ -47,18 +48,28 @@ def lpips_distance(lpips, bundle: ModelBundle, images: torch.Tensor, reconstruct
 
 
 @torch.no_grad()
-def caption_accuracy(generate, captions: list[str], batch: int = 64) -> float:
-    """Fraction of generations whose shape colour is the caption's (``generate(prompts) -> images``)."""
+def generation_metrics(generate, captions: list[str], batch: int = 64) -> dict[str, float]:
+    """Fractions of generations (``generate(prompts) -> images``) whose shape colour (``caption_accuracy``)
+    and shape (``shape_accuracy``, by the renderer-template judge) are the caption's."""
     from icd.data.shapes import parse_caption
 
     parsed = [(c, parse_caption(c)) for c in captions]
     parsed = [(c, p) for c, p in parsed if p is not None]
-    hits = []
+    colors, shapes = [], []
     for lo in range(0, len(parsed), batch):
         chunk = parsed[lo:lo + batch]
         images = to_uint8_hwc(generate([c for c, _ in chunk]))
-        hits += [shape_region_color(image, p[2]) == p[0] for image, (_, p) in zip(images, chunk)]
-    return float(np.mean(hits)) if hits else float("nan")
+        for image, (_, (color, shape, background)) in zip(images, chunk):
+            colors.append(shape_region_color(image, background) == color)
+            shapes.append(read_shape(image, background) == shape)
+    if not colors:
+        return {"caption_accuracy": float("nan"), "shape_accuracy": float("nan")}
+    return {"caption_accuracy": float(np.mean(colors)), "shape_accuracy": float(np.mean(shapes))}
+
+
+def caption_accuracy(generate, captions: list[str], batch: int = 64) -> float:
+    """Fraction of generations whose shape colour is the caption's."""
+    return generation_metrics(generate, captions, batch)["caption_accuracy"]
 
 
 def evaluate(bundle: ModelBundle, kind: str, images: torch.Tensor, captions: list[str], editing, lpips,
@@ -102,8 +113,7 @@ def evaluate(bundle: ModelBundle, kind: str, images: torch.Tensor, captions: lis
         return row
     with torch.no_grad():
         edits = editing_metrics(edit_images, images, captions)
-    return {**row, "edit_success": edits["edit_success"], "background_psnr": edits["background_psnr"],
-            "mask_iou": edits["mask_iou"], "caption_accuracy": caption_accuracy(generate, captions),
+    return {**row, **{k: edits[k] for k in EDIT_METRICS}, **generation_metrics(generate, captions),
             "edit_nfe": nfe["edit"]}
 
 
