@@ -92,6 +92,20 @@ def teacher_edits(bundle, samples, images, guidance: float, tau: float, steps: i
     return results
 
 
+def print_shape_confusion(generated: list[tuple[str, np.ndarray]]) -> None:
+    """Which shape the judge reads for each captioned shape (rows: caption; columns: read; "-": none)."""
+    from icd.data.shapes import SHAPES, parse_caption
+    from icd.evaluation.shapes import read_shape
+
+    counts = {s: dict.fromkeys((*SHAPES, None), 0) for s in SHAPES}
+    for caption, image in generated:
+        _, shape, background = parse_caption(caption)
+        counts[shape][read_shape(image, background)] += 1
+    print("shape confusion of the generations (caption -> read):", flush=True)
+    for shape, row in counts.items():
+        print(f"  {shape:9s}" + "".join(f" {(k or '-')}:{v}" for k, v in row.items()), flush=True)
+
+
 def picture_grid(columns: dict[str, np.ndarray], notes: list[str], path: Path) -> None:
     """Rows of images (N, H, W, 3) uint8 side by side, zoomed with nearest-neighbour, a header and row notes."""
     from PIL import Image, ImageDraw
@@ -145,9 +159,12 @@ def main() -> None:
     prompts = {}
     generator = torch.Generator().manual_seed(0)
 
+    generated: list[tuple[str, np.ndarray]] = []
+
     def generate(captions):
         out = samplers.ddim_generate(bundle, captions, args.steps, args.guidance, generator=generator).images
         prompts.setdefault("grid", out[:GRID_ROWS])
+        generated.extend(zip(captions, to_uint8_hwc(out)))
         return out
 
     # The grid's generations are of the held-out captions; the accuracy is over fresh random captions.
@@ -159,6 +176,7 @@ def main() -> None:
     print(f"{args.generations} DDIM-{args.steps} generations at w={args.guidance:g}: caption (colour) accuracy "
           f"{result['caption_accuracy']:.3f}, shape accuracy {result['shape_accuracy']:.3f} "
           f"({time.time() - start:.0f}s)", flush=True)
+    print_shape_confusion(generated[GRID_ROWS:])
 
     edits = teacher_edits(bundle, samples[:args.edits], images[:args.edits], args.guidance, args.tau, args.steps)
     for mode, r in edits.items():

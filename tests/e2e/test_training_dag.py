@@ -50,7 +50,8 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert {r.data.tags["icd.stage"] for r in children} == {"cfg_distill", "icd", "cycle", "evaluate_icd",
                                                             "evaluate_cycle", "register"}
     evaluation = next(r for r in children if r.data.tags["icd.stage"] == "evaluate_cycle")
-    assert {"ddim50.psnr", "icd.edit_success", "cycle.lpips_randvgg"} <= set(evaluation.data.metrics)
+    assert {"ddim50.psnr", "icd.edit_success", "icd.inplace_success", "icd.shape_iou", "ddim50.shape_accuracy",
+            "cycle.lpips_randvgg"} <= set(evaluation.data.metrics)
     model = mlflow.pyfunc.load_model("models:/icd-toy@champion")
     assert model.metadata.metadata["stage"] == "cycle"
     demo = subprocess.run([sys.executable, "jobs/demo_edit.py", "--config", "jobs/configs/toy.yaml",

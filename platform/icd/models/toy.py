@@ -2,7 +2,11 @@
 
 Same classes and layout as Stable Diffusion (diffusers ``AutoencoderKL`` and
 ``UNet2DConditionModel``, transformers ``CLIPTextModel`` with SD's tokenizer), so every code
-path that runs on the toy preset runs unchanged on SD1.5. 32x32 images -> 8x8x4 latents.
+path that runs on the toy preset runs unchanged on SD1.5.
+
+Base v2: 32x32 images -> 16x16x4 latents (2x downsampling; v1's 4x, 8x8 latents, turned squares
+and stars into blobs), a UNet whose finest level (16x16) has only resnets and whose 8x8 and
+4x4 levels have cross-attention (where SD1.5 has it too: every level but the coarsest).
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ TOY_BASE_DIR = Path(__file__).parent / "toy_base"
 TEXT_HIDDEN = 64
 
 
-def toy_vae() -> AutoencoderKL:
-    """0.7 M parameters, 16/32/64 channels, 4x downsampling to 4 latent channels."""
+def toy_vae(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 2) -> AutoencoderKL:
+    """0.84 M parameters, 32/64 channels, 2 resnets per level: 2x downsampling to 4 latent channels.
+
+    Each extra level halves the latent side: ``(16, 32, 64)`` is v1's 4x (8x8 latents).
+    """
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, norm_num_groups=8,
     )
 
 
@@ -36,16 +44,21 @@ def toy_text_encoder(hidden: int = TEXT_HIDDEN) -> CLIPTextModel:
     ))
 
 
-def toy_unet(channels: tuple[int, int] = (64, 128), cross_attention_dim: int = TEXT_HIDDEN,
-             time_cond_proj_dim: int | None = None) -> UNet2DConditionModel:
-    """4.2 M parameters, 64/128 channels, cross-attention at both resolutions (dim 64).
+def toy_unet(channels: tuple[int, ...] = (64, 96, 96), cross_attention_dim: int = TEXT_HIDDEN,
+             time_cond_proj_dim: int | None = None, sample_size: int = 16,
+             plain_levels: int = 1) -> UNet2DConditionModel:
+    """4.0 M parameters on 16x16 latents: 64/96/96 channels, cross-attention (dim 64) below the finest level.
 
-    ``up_blocks[1].resnets[1]`` exists, as in SD1.5, for Guide-and-Rescale's feature energy.
+    The first ``plain_levels`` levels have resnets only (attention over 256 tokens at 64 channels
+    doubled a training step's time for no visible gain). ``up_blocks[1].resnets[1]`` exists, as in
+    SD1.5, for Guide-and-Rescale's feature energy.
     """
+    levels = len(channels)
+    down = tuple("DownBlock2D" if i < plain_levels else "CrossAttnDownBlock2D" for i in range(levels))
+    up = tuple("UpBlock2D" if levels - 1 - i < plain_levels else "CrossAttnUpBlock2D" for i in range(levels))
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
+        down_block_types=down, up_block_types=up,
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=min(32, channels[0]),
         time_cond_proj_dim=time_cond_proj_dim,
     )
@@ -59,8 +72,9 @@ def tiny_bundle(seed: int = 0, guidance_dim: int | None = None):
     from icd.models.tokenizer import offline_clip_tokenizer
 
     torch.manual_seed(seed)
-    bundle = ModelBundle(unet=toy_unet((32, 64), cross_attention_dim=32, time_cond_proj_dim=guidance_dim),
-                         vae=toy_vae(), text_encoder=toy_text_encoder(hidden=32),
+    # v1's shapes (4x VAE, 8x8 latents, attention at every level) keep the tests of every code path fast.
+    unet = toy_unet((32, 64), cross_attention_dim=32, time_cond_proj_dim=guidance_dim, sample_size=8, plain_levels=0)
+    bundle = ModelBundle(unet=unet, vae=toy_vae((16, 32, 64), layers_per_block=1), text_encoder=toy_text_encoder(hidden=32),
                          tokenizer=offline_clip_tokenizer(), source="tiny")
     for module in (bundle.unet, bundle.vae, bundle.text_encoder):
         module.eval().requires_grad_(False)
