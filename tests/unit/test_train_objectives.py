@@ -168,7 +168,8 @@ def chain(tmp_path_factory):
     config = toy_config(**{"train.cfg_distill.lora": "true", "method.target_ema_decay": 0.95})
     torch.manual_seed(0)
     results, previous = {}, None
-    for stage, steps, lr in (("cfg_distill", 6, 3e-3), ("icd", 6, 3e-3), ("cycle", 4, 3e-3)):
+    # cycle at 1e-3: at 3e-3 its loss on the toy base v2 rose over 4 steps (0.21 -> 0.29), at 1e-3 it falls
+    for stage, steps, lr in (("cfg_distill", 6, 3e-3), ("icd", 6, 3e-3), ("cycle", 4, 1e-3)):
         model = build_stage_model(stage, config, previous)
         before = snapshot(model.bundle.unet)
         losses = train_steps(model, steps, lr, n=8 if stage != "cycle" else 4)
