@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icd.data.shapes import random_sample
+from icd.data.shapes import random_sample, sample_specs
 from icd.diffusion import samplers
 from icd.editing.p2p import P2POptions
 from icd.editing.teacher import TEACHER_MODES, ddim_edit
@@ -111,7 +111,8 @@ def picture_grid(columns: dict[str, np.ndarray], notes: list[str], path: Path) -
     from PIL import Image, ImageDraw
 
     names = list(columns)
-    n, h, w, _ = columns[names[0]].shape
+    n = min(len(images) for images in columns.values())  # counts below GRID_ROWS give fewer rows
+    h, w = columns[names[0]].shape[1:3]
     tile_h, tile_w, header, gap = h * ZOOM, w * ZOOM, 14, 4
     canvas = Image.new("RGB", (len(names) * (tile_w + gap) + 90, header + n * (tile_h + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
@@ -120,7 +121,7 @@ def picture_grid(columns: dict[str, np.ndarray], notes: list[str], path: Path) -
         for r in range(n):
             tile = Image.fromarray(columns[name][r]).resize((tile_w, tile_h), Image.NEAREST)
             canvas.paste(tile, (c * (tile_w + gap), header + r * (tile_h + gap)))
-    for r, note in enumerate(notes):
+    for r, note in enumerate(notes[:n]):
         draw.text((len(names) * (tile_w + gap) + 2, header + r * (tile_h + gap) + tile_h // 2 - 10), note,
                   fill=(0, 0, 0))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +170,6 @@ def main() -> None:
 
     # The grid's generations are of the held-out captions; the accuracy is over fresh random captions.
     generate([s.caption for s in samples[:GRID_ROWS]])
-    from icd.data.shapes import sample_specs
-
     captions = [s.caption for s in sample_specs(np.random.default_rng(0), args.generations)]
     result.update(generation_metrics(generate, captions))
     print(f"{args.generations} DDIM-{args.steps} generations at w={args.guidance:g}: caption (colour) accuracy "

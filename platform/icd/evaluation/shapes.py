@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from icd.data.shapes import COLORS, IMAGE_SIZE, SHAPES, STAR_INNER_RATIO, ShapeSpec, coverage, nearest_color
+from icd.data.shapes import COLORS, SHAPES, STAR_INNER_RATIO, ShapeSpec, coverage, nearest_color
 
 # A pixel belongs to the shape region when it is this far (RGB distance) from the background.
 REGION_THRESHOLD = 60.0
@@ -156,5 +156,3 @@ def color_inside(image: np.ndarray, mask: np.ndarray) -> str | None:
         return None
     return nearest_color(image[region].astype(np.float64).mean(0))
 
-
-assert IMAGE_SIZE == 32  # the fit's step sizes are in pixels of this side
