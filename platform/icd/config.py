@@ -49,6 +49,9 @@ class ModelConfig(_Section):
         ],
         min_length=1,
     )
+    # PEFT's init_lora_weights: "default" (A Kaiming-uniform, B zero; the official iCD code's)
+    # or "gaussian" (A ~ N(0, 1/r), B zero). Both start as the identity; A's scale sets how fast B moves.
+    lora_init: Literal["default", "gaussian"] = "default"
     guidance_embedding_dim: int = Field(512, ge=1, description="UNet time_cond_proj_dim")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -86,6 +89,11 @@ class MethodConfig(_Section):
                                     "without grad; mu = an EMA copy, theta- <- mu theta- + (1 - mu) theta")
     lambda_forward: float = Field(1.5, ge=0)
     lambda_reverse: float = Field(1.5, ge=0)
+    # The preservation losses on the segment ending at the clean latent: "jump" is the official
+    # iCD code's form (the decoder jumps to the encoder's first timestep with its own epsilon;
+    # Lr targets x_19), "renoise" this project's first form (the clean latent re-noised to 19
+    # with fresh noise; Lr targets the clean latent). See icd.train.objectives.CLEAN_END_MODES.
+    preservation_clean_end: Literal["jump", "renoise"] = "jump"
     dynamic_cfg_tau: float = Field(0.8, ge=0, le=1)
     encode_from_timestep: int = Field(19, ge=0)
     # LPIPS for the cycle loss: ImageNet VGG in production; a random VGG where torchvision's

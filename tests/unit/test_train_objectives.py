@@ -88,14 +88,14 @@ def test_forward_consistency_term_equals_a_hand_computation(guided_tiny):
     assert got.item() == pytest.approx(huber(student, target), rel=1e-4)
 
 
-def test_preservation_terms_match_their_definitions(guided_tiny):
+def test_preservation_terms_match_their_definitions_in_the_renoise_form(guided_tiny):
     bundle = guided_tiny
     g = torch.Generator().manual_seed(5)
     x0, n1, n2, context = (torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g),
                            torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g))
     # segment 3 is 259 -> 0: the encoder maps it back from t = 19
     segment = torch.tensor([3])
-    lf = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n2, DEFAULT, 0.001)
+    lf = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n2, DEFAULT, 0.001, "renoise")
     a, s = ab(259)
     x_hi = a * x0 + s * n1
     with bundle.adapter(REVERSE):
@@ -106,7 +106,7 @@ def test_preservation_terms_match_their_definitions(guided_tiny):
         back = jump_by_hand(x_19, bundle.eps(x_19, 19, context, 0.0), 19, 259)
     assert lf.item() == pytest.approx(huber(back, x_hi), rel=1e-4)
 
-    lr = objectives.reverse_preservation_term(bundle, x0, context, torch.tensor([1]), n1, n2, DEFAULT, 0.001)
+    lr = objectives.reverse_preservation_term(bundle, x0, context, torch.tensor([1]), n1, n2, DEFAULT, 0.001, "renoise")
     a, s = ab(519)
     x_lo = a * x0 + s * n1  # segment 1 is 779 -> 519
     with bundle.adapter(FORWARD):
@@ -114,6 +114,83 @@ def test_preservation_terms_match_their_definitions(guided_tiny):
     with bundle.adapter(REVERSE):
         back = jump_by_hand(x_hi, bundle.eps(x_hi, 779, context, 0.0), 779, 519)
     assert lr.item() == pytest.approx(huber(back, x_lo), rel=1e-4)
+
+
+def test_clean_end_preservation_terms_are_deterministic_jumps_in_the_official_form(guided_tiny):
+    """segment 259 -> 0: Lf's decoder lands on 19 with its own epsilon, Lr runs 19 -> 259 -> 19 on x_19."""
+    bundle = guided_tiny
+    g = torch.Generator().manual_seed(6)
+    x0, n1, n2, n3, context = (torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g),
+                               torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g),
+                               torch.randn(1, 77, 32, generator=g))
+    segment = torch.tensor([3])
+    lf = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n2, DEFAULT, 0.001, "jump")
+    a, s = ab(259)
+    x_hi = a * x0 + s * n1
+    with bundle.adapter(REVERSE):
+        x_19 = jump_by_hand(x_hi, bundle.eps(x_hi, 259, context, 0.0), 259, 19)
+    with bundle.adapter(FORWARD):
+        back = jump_by_hand(x_19, bundle.eps(x_19, 19, context, 0.0), 19, 259)
+    assert lf.item() == pytest.approx(huber(back, x_hi), rel=1e-4)
+    # a function of x_hi alone: the second noise draw changes nothing (it does in the renoise form)
+    again = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n3, DEFAULT, 0.001, "jump")
+    assert again.item() == lf.item()
+    renoised = objectives.forward_preservation_term(bundle, x0, context, segment, n1, n3, DEFAULT, 0.001, "renoise")
+    assert renoised.item() != pytest.approx(lf.item(), rel=1e-3)
+
+    lr = objectives.reverse_preservation_term(bundle, x0, context, segment, n1, n2, DEFAULT, 0.001, "jump")
+    a19, s19 = ab(19)
+    x_lo = a19 * x0 + s19 * n1
+    with bundle.adapter(FORWARD):
+        up = jump_by_hand(x_lo, bundle.eps(x_lo, 19, context, 0.0), 19, 259)
+    with bundle.adapter(REVERSE):
+        down = jump_by_hand(up, bundle.eps(up, 259, context, 0.0), 259, 19)
+    assert lr.item() == pytest.approx(huber(down, x_lo), rel=1e-4)
+    assert objectives.reverse_preservation_term(bundle, x0, context, segment, n1, n3, DEFAULT, 0.001,
+                                                "jump").item() == lr.item()
+
+
+def test_the_objective_uses_the_configured_clean_end(guided_tiny, monkeypatch):
+    seen = []
+    real = objectives.preservation_ends
+    monkeypatch.setattr(objectives, "preservation_ends", lambda b, s, mode: seen.append(mode) or real(b, s, mode))
+    for mode in ("renoise", "jump"):
+        config = load_config("jobs/configs/toy.yaml", [f"method.preservation_clean_end={mode}"])
+        objective = objectives.ICDObjective(guided_tiny, DEFAULT, config.method)
+        objective.preservation_term("forward", torch.zeros(1, 4, 8, 8), torch.zeros(1, 77, 32),
+                                    torch.Generator().manual_seed(0))
+    assert seen == ["renoise", "jump"]
+    with pytest.raises(ValueError, match="preservation_clean_end"):
+        objectives.preservation_ends(DEFAULT, torch.tensor([0]), "fresh")
+
+
+def test_lora_init_sets_the_scale_of_a_and_leaves_the_adapter_at_zero():
+    from icd.models.adapters import lora_config
+
+    stds = {}
+    for init in ("default", "gaussian"):
+        bundle = tiny_bundle(seed=0, guidance_dim=16)
+        add_adapters(bundle.unet, 8, 8, ["to_q"], names=(REVERSE,), init=init)
+        layer = next(m for n, m in bundle.unet.named_modules() if n.endswith("attn1.to_q"))
+        a, b = layer.lora_A[REVERSE].weight, layer.lora_B[REVERSE].weight
+        assert torch.count_nonzero(b) == 0  # the adapter starts as the identity either way
+        fan_in = a.shape[1]
+        if init == "default":  # Kaiming-uniform with a = sqrt(5): |A| <= 1 / sqrt(fan_in)
+            assert a.abs().max() <= 1 / fan_in ** 0.5 + 1e-6
+        stds[init] = (float(a.std()), fan_in)
+    assert stds["gaussian"][0] == pytest.approx(1 / 8, rel=0.15)  # PEFT's "gaussian": N(0, 1/r), r = 8
+    std, fan_in = stds["default"]
+    assert std == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.15)  # uniform on +-1/sqrt(fan_in)
+    with pytest.raises(ValueError, match="lora_init"):
+        lora_config(8, 8, ["to_q"], init="zeros")
+
+
+def test_the_conv_target_adapts_the_down_and_up_sampler_convolutions():
+    bundle = tiny_bundle(seed=0, guidance_dim=16)
+    add_adapters(bundle.unet, 4, 4, ["conv1", "conv"], names=(FORWARD,))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in bundle.unet.named_parameters() if ".lora_A." in n}
+    assert any("downsamplers.0.conv" in n for n in adapted) and any("upsamplers.0.conv" in n for n in adapted)
+    assert not any(n.endswith(("conv_in", "conv_out")) for n in adapted)
 
 
 def test_unmirrored_boundaries_are_refused_for_preservation_losses():

@@ -17,17 +17,24 @@ from icd.models.bundle import FORWARD, REVERSE
 ADAPTERS = (FORWARD, REVERSE)
 
 
-def lora_config(rank: int, alpha: float, targets: list[str]) -> LoraConfig:
-    """LoRA on modules whose names end with one of ``targets`` (e.g. to_q, conv1, time_emb_proj)."""
+# model.lora_init -> PEFT's init_lora_weights
+LORA_INITS = {"default": True, "gaussian": "gaussian"}
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], init: str = "default") -> LoraConfig:
+    """LoRA on modules whose names end with one of ``targets`` (e.g. to_q, conv1, time_emb_proj;
+    "conv" names the down/up-samplers' convolutions)."""
+    if init not in LORA_INITS:
+        raise ValueError(f"model.lora_init: expected one of {sorted(LORA_INITS)}, got {init!r}")
     pattern = r".*\.(" + "|".join(re.escape(t) for t in targets) + r")$"
-    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=pattern)
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=LORA_INITS[init], target_modules=pattern)
 
 
-def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTERS) -> None:
+def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTERS, init: str = "default") -> None:
     """Attach one fresh LoRA adapter per name; the base weights are frozen, adapters trainable."""
     unet.requires_grad_(False)
     for name in names:
-        unet.add_adapter(lora_config(rank, alpha, targets), adapter_name=name)
+        unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=name)
     for name, param in unet.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
@@ -35,7 +42,8 @@ def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTE
 
 def add_adapters_from_config(unet, model_config) -> None:
     """Attach both adapters with the rank, alpha and target modules of an `icd.config.ModelConfig`."""
-    add_adapters(unet, model_config.lora_rank, model_config.lora_alpha, list(model_config.lora_targets))
+    add_adapters(unet, model_config.lora_rank, model_config.lora_alpha, list(model_config.lora_targets),
+                 init=model_config.lora_init)
 
 
 def save_adapter(unet, name: str, directory: str | Path) -> Path:

@@ -50,6 +50,29 @@ def autocast_for(config: Config, device: torch.device):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def train_step(objective, latents: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator, optimizer,
+               trainable: dict[str, torch.nn.Parameter], grad_clip: float, lr_schedule, target=None,
+               scaler: torch.amp.GradScaler | None = None, autocast=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step of a stage: loss, backward, clip, step, LR schedule, EMA target. Returns (losses, grad norm).
+
+    The Ray Train loop and the in-process benchmarks (`benchmarks/icd_ablation.py`) share it, so
+    what a benchmark measures is what a stage trains. ``autocast`` wraps the forward pass only.
+    """
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    with autocast or contextlib.nullcontext():
+        out = objective(latents, hidden, generator)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(out["loss"]).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    lr_schedule.step()
+    if target is not None:
+        target.update()
+    return out, grad_norm
+
+
 def _failure_drill(drill: dict | None, rank: int, step: int) -> None:
     """Kill this worker process once at a given step (tests and operators rehearsing a worker loss)."""
     if not drill or drill["rank"] != rank or drill["step"] != step:
@@ -107,17 +130,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
             seen += 1
             latents, hidden = model.encode_batch(batch)
-            with autocast_for(config, device):
-                out = objective(latents, hidden, step_generator(config.seed, rank, state.step))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), stage_config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr_schedule.step()
-            if model.target is not None:
-                model.target.update()
+            out, grad_norm = train_step(objective, latents, hidden, step_generator(config.seed, rank, state.step),
+                                        optimizer, trainable, stage_config.grad_clip, lr_schedule, model.target,
+                                        scaler, autocast_for(config, device))
             state.step += 1
             window["steps"] += 1
             if timed["start"] is None:

@@ -102,10 +102,32 @@ def check_mirrored(boundaries: Boundaries) -> None:
             f"{list(boundaries.reverse_timesteps)}: the encoder segments must end where the decoder segments start")
 
 
+# How the preservation losses treat the segment that ends at the clean latent (lo = 0), where the
+# encoder starts from its first timestep (19) instead:
+#   "jump"    the official iCD form: the decoder's DDIM jump lands on 19 with its own epsilon (Lf),
+#             and Lr's input and target are x_19 = add_noise(x0, noise, 19); both are
+#             deterministic functions of the segment's noisy end, so the encoder can invert them;
+#   "renoise" this project's first form: the decoder lands on the clean latent, which is noised to 19
+#             with fresh noise (Lf), and Lr targets the clean latent.
+CLEAN_END_MODES = ("jump", "renoise")
+
+
+def preservation_ends(boundaries: Boundaries, segment: torch.Tensor, clean_end: str = "jump"
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, lo, start) of the preservation losses: with "jump" the clean end lo = 0 becomes the encoder's start."""
+    if clean_end not in CLEAN_END_MODES:
+        raise ValueError(f"method.preservation_clean_end: expected one of {CLEAN_END_MODES}, got {clean_end!r}")
+    hi, lo, start = segment_ends(boundaries, segment)
+    return (hi, start, start) if clean_end == "jump" else (hi, lo, start)
+
+
 def forward_preservation_term(bundle: ModelBundle, x0, context, segment, noise, start_noise,
-                              boundaries: Boundaries, huber_c: float) -> torch.Tensor:
-    """Lf = d(f_fwd(stopgrad f_rev(x_hi)), x_hi): decode one segment, encode it back (unguided)."""
-    hi, lo, start = (v.to(x0.device) for v in segment_ends(boundaries, segment))
+                              boundaries: Boundaries, huber_c: float, clean_end: str = "jump") -> torch.Tensor:
+    """Lf = d(f_fwd(stopgrad f_rev(x_hi)), x_hi): decode one segment, encode it back (unguided).
+
+    ``start_noise`` is used only by ``clean_end="renoise"`` (see `CLEAN_END_MODES`).
+    """
+    hi, lo, start = (v.to(x0.device) for v in preservation_ends(boundaries, segment, clean_end))
     acp = bundle.alphas_cumprod
     x_hi = add_noise(acp, x0, noise, hi).to(x0.dtype)
     with torch.no_grad():
@@ -117,9 +139,12 @@ def forward_preservation_term(bundle: ModelBundle, x0, context, segment, noise, 
 
 
 def reverse_preservation_term(bundle: ModelBundle, x0, context, segment, noise, start_noise,
-                              boundaries: Boundaries, huber_c: float) -> torch.Tensor:
-    """Lr = d(f_rev(stopgrad f_fwd(x_lo)), x_lo): encode one segment, decode it back (unguided)."""
-    hi, lo, start = (v.to(x0.device) for v in segment_ends(boundaries, segment))
+                              boundaries: Boundaries, huber_c: float, clean_end: str = "jump") -> torch.Tensor:
+    """Lr = d(f_rev(stopgrad f_fwd(x_lo)), x_lo): encode one segment, decode it back (unguided).
+
+    ``start_noise`` is used only by ``clean_end="renoise"`` (see `CLEAN_END_MODES`).
+    """
+    hi, lo, start = (v.to(x0.device) for v in preservation_ends(boundaries, segment, clean_end))
     acp = bundle.alphas_cumprod
     clean = (lo == 0).reshape(-1, *([1] * (x0.dim() - 1)))
     x_lo = torch.where(clean, x0, add_noise(acp, x0, noise, lo).to(x0.dtype))
@@ -221,7 +246,7 @@ class ICDObjective(torch.nn.Module):
         segment = _uniform(len(self.boundaries.reverse_timesteps), x0.shape[0], generator)
         term = forward_preservation_term if which == "forward" else reverse_preservation_term
         return term(self.bundle, x0, context, segment, _noise(x0, generator), _noise(x0, generator),
-                    self.boundaries, self.method.huber_c)
+                    self.boundaries, self.method.huber_c, self.method.preservation_clean_end)
 
     def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         parts = self.consistency_terms(latents, context, generator)

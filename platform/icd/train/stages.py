@@ -40,7 +40,8 @@ GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guid
 
 # (section, field) -> the value that trains exactly as before the field existed.
 ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "constant",
-               ("train", "lr_warmup_steps"): 0}
+               ("train", "lr_warmup_steps"): 0, ("method", "preservation_clean_end"): "renoise",
+               ("model", "lora_init"): "gaussian"}
 
 
 def check_stage(stage: str) -> str:
@@ -231,7 +232,7 @@ def build_stage_model(stage: str, config: Config, input_manifest: dict | None,
         add_guidance_embedding(bundle.unet, config.model.guidance_embedding_dim)
         if stage_config.lora:
             add_adapters(bundle.unet, config.model.lora_rank, config.model.lora_alpha, list(config.model.lora_targets),
-                         names=(objectives.GUIDANCE_ADAPTER,))
+                         names=(objectives.GUIDANCE_ADAPTER,), init=config.model.lora_init)
             bundle.unet.time_embedding.cond_proj.requires_grad_(True)  # new, so always trained
         else:
             bundle.unet.requires_grad_(True)

@@ -1,0 +1,215 @@
+"""A/B of the icd stage's training options on the toy preset, in one process (no cluster needed).
+
+    python benchmarks/icd_ablation.py --options before,clean_jump,unguided --seeds 0,1 --checkpoints 0,120,480
+
+Builds a training set of shapes-world latents (seeds 0..N-1, the renderer's own images through
+the toy VAE) and a held-out set (`jobs/make_shards.py`'s eval seeds), trains cfg_distill once
+(cached under --work), then the icd stage once per option and seed with the same step as the
+Ray Train workers (`icd.train.loop.train_step`) on one rank. At every step of --checkpoints it
+evaluates the 4-step model on the held-out images: reconstruction PSNR (unguided, the mean of
+per-image PSNRs), latent MSE, and caption accuracy of 4-step generation at the editing guidance.
+Step 0 is the zero-initialised adapters (the teacher's own DDIM jumps between the boundaries):
+a trained model must beat it. Each option is a list of ``--set`` overrides on top of --config;
+"before" pins the settings the stage had before this comparison, so the table stays
+reproducible when defaults move. Last line: {"<option>": {"<step>": {"psnr": mean over seeds,
+"mse": ..., "caption_accuracy": ..., "psnr_by_seed": [...]}, ...}, ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+# The icd stage as it trained before this comparison (toy.yaml of toy base v2's landing).
+BEFORE = ["method.preservation_clean_end=renoise", "model.lora_init=gaussian", "train.icd.lr=3.0e-4",
+          "method.target_ema_decay=0"]
+SAMPLER_CONVS = ("model.lora_targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
+                 "conv1,conv2,conv_shortcut,time_emb_proj,conv]")
+OPTIONS = {
+    "before": BEFORE,
+    "clean_jump": [*BEFORE, "method.preservation_clean_end=jump"],
+    "unguided": [*BEFORE, "method.guidance_scales=[0]"],
+    "lr_1e-4": [*BEFORE, "train.icd.lr=1.0e-4"],
+    "lr_3e-5": [*BEFORE, "train.icd.lr=3.0e-5"],
+    "default_init": [*BEFORE, "model.lora_init=default"],
+    "sampler_convs": [*BEFORE, SAMPLER_CONVS],
+    "ema": [*BEFORE, "method.target_ema_decay=0.95"],
+    "no_preservation": [*BEFORE, "method.lambda_forward=0", "method.lambda_reverse=0"],
+}
+
+
+def option_list(text: str) -> list[str]:
+    names = [part for part in text.split(",") if part]
+    unknown = [n for n in names if n not in OPTIONS and not n.startswith("set:")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown options {unknown}; expected names from {sorted(OPTIONS)}")
+    return names
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def shapes_set(bundle, seeds, batch: int = 256):
+    """(images in [-1, 1], latents, captions) of the shapes images of ``seeds``."""
+    import numpy as np
+    import torch
+
+    from icd.data.shapes import random_sample
+
+    samples = [random_sample(int(seed)) for seed in seeds]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = torch.cat([bundle.encode_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return images, latents, [s.caption for s in samples]
+
+
+def encode_captions(bundle, captions, batch: int = 256):
+    import torch
+
+    return torch.cat([bundle.encode_prompts(captions[i:i + batch]) for i in range(0, len(captions), batch)])
+
+
+def evaluate(bundle, config, images, captions) -> dict:
+    import torch
+
+    from icd.diffusion import samplers
+    from icd.diffusion.boundaries import Boundaries
+    from icd.evaluation.reconstruction import consistency_reconstructor, reconstruction_metrics
+    from icd.evaluation.report import generation_metrics
+
+    boundaries = Boundaries.from_config(config.method)
+    bundle.unet.eval()
+    try:
+        with torch.no_grad():
+            recon = reconstruction_metrics(bundle, images, captions, consistency_reconstructor(boundaries))
+
+            def generate(prompts):
+                return samplers.generate(bundle, prompts, boundaries, config.editing.guidance, config.editing.tau,
+                                         generator=torch.Generator().manual_seed(0)).images
+            generation = generation_metrics(generate, captions)
+    finally:
+        bundle.unet.train()
+    return {"psnr": recon["psnr"], "mse": recon["mse"], **generation}
+
+
+def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_checkpoint, say) -> object:
+    """Train ``stage`` for max(checkpoints) steps on one rank; ``on_checkpoint(step, model)`` at each checkpoint."""
+    import torch
+
+    from icd.train.loop import step_generator, train_step
+    from icd.train.optimization import build_optimizer
+    from icd.train.stages import build_stage_model
+
+    stage_config = getattr(config.train, stage)
+    torch.manual_seed(config.seed)
+    model = build_stage_model(stage, config, input_manifest)
+    trainable = model.trainable_parameters()
+    optimizer, schedule = build_optimizer(trainable.values(), stage_config)
+    order = torch.Generator().manual_seed(config.seed)
+    batch, steps, start = stage_config.global_batch_size, max(checkpoints), time.time()
+    permutation, cursor = torch.randperm(len(latents), generator=order), 0
+    for step in range(steps + 1):
+        if step in checkpoints:
+            on_checkpoint(step, model)
+        if step == steps:
+            break
+        if cursor + batch > len(latents):
+            permutation, cursor = torch.randperm(len(latents), generator=order), 0
+        index = permutation[cursor:cursor + batch]
+        cursor += batch
+        out, _ = train_step(model.objective, latents[index], hidden[index], step_generator(config.seed, 0, step),
+                            optimizer, trainable, stage_config.grad_clip, schedule, model.target)
+        if (step + 1) % 20 == 0:
+            losses = " ".join(f"{k} {v.item():.4f}" for k, v in out.items() if k != "loss")
+            say(f"  {stage} step {step + 1}/{steps} ({(time.time() - start) / (step + 1):.2f} s/step) {losses}")
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="jobs/configs/toy.yaml")
+    parser.add_argument("--options", type=option_list, default=list(OPTIONS),
+                        help="option names (see OPTIONS), or set:KEY=VALUE;KEY=VALUE for an ad-hoc one")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1])
+    parser.add_argument("--checkpoints", type=int_list, default=[0, 120, 480])
+    parser.add_argument("--batch", type=int, default=32, help="icd global batch size")
+    parser.add_argument("--cfg-steps", type=int, default=300)
+    parser.add_argument("--train-count", type=int, default=4096)
+    parser.add_argument("--eval-count", type=int, default=64)
+    parser.add_argument("--work", default="/tmp/icd-ablation", help="cache of the data and the cfg_distill output")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torch
+
+    from icd.config import load_config
+    from icd.train.stages import StagePaths, export_stage, make_manifest, read_stage_manifest, write_json
+
+    torch.set_num_threads(args.threads)
+    say = lambda text: print(text, flush=True)  # noqa: E731
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = load_config(args.config, [f"train.cfg_distill.steps={args.cfg_steps}"])
+
+    data = shapes_data(base, args, work / f"data-{args.train_count}-{args.eval_count}.pt")
+
+    paths = StagePaths.of(base, "cfg_distill", "ablation", str(work))
+    cfg_manifest = read_stage_manifest(paths.manifest)
+    if cfg_manifest is None:
+        say(f"cfg_distill: training {args.cfg_steps} steps")
+        model = train("cfg_distill", base, None, data["latents"], data["hidden"], [args.cfg_steps],
+                      lambda step, model: None, say)
+        export_stage(model, paths.output)
+        cfg_manifest = make_manifest(paths, base, None, args.cfg_steps, [])
+        write_json(paths.manifest, cfg_manifest)
+
+    table: dict[str, dict[str, list[dict]]] = {}
+    for name in args.options:
+        sets = OPTIONS[name] if name in OPTIONS else name.removeprefix("set:").split(";")
+        for seed in args.seeds:
+            config = load_config(args.config, [*sets, f"seed={seed}", f"train.icd.global_batch_size={args.batch}",
+                                               f"train.icd.steps={max(args.checkpoints)}"])
+            say(f"== {name} seed {seed}: {' '.join(sets)}")
+
+            def on_checkpoint(step, model, name=name, config=config, seed=seed):
+                result = evaluate(model.bundle, config, data["eval_images"], data["eval_captions"])
+                table.setdefault(name, {}).setdefault(str(step), []).append(result)
+                say(f"{name:16s} seed {seed} step {step:4d}: psnr {result['psnr']:.2f} dB  mse {result['mse']:.4f}  "
+                    f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}")
+
+            train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints, on_checkpoint, say)
+    summary = {name: {step: {"psnr": round(sum(r["psnr"] for r in rows) / len(rows), 2),
+                             "mse": round(sum(r["mse"] for r in rows) / len(rows), 4),
+                             "caption_accuracy": round(sum(r["caption_accuracy"] for r in rows) / len(rows), 3),
+                             "psnr_by_seed": [round(r["psnr"], 2) for r in rows]}
+                      for step, rows in steps.items()}
+               for name, steps in table.items()}
+    print(json.dumps(summary))
+
+
+def shapes_data(config, args, cache: Path) -> dict:
+    """Training latents and caption states, held-out images and captions; cached in ``cache``."""
+    import torch
+
+    from icd.models.loading import load_bundle
+
+    if cache.exists():
+        return torch.load(cache, weights_only=False)
+    eval_seed_offset = 1_500_000_000  # jobs/make_shards.py's held-out seeds
+    bundle = load_bundle(config.model.base)
+    _, latents, captions = shapes_set(bundle, range(args.train_count))
+    eval_images, _, eval_captions = shapes_set(bundle, range(eval_seed_offset, eval_seed_offset + args.eval_count))
+    data = {"latents": latents, "hidden": encode_captions(bundle, captions), "eval_images": eval_images,
+            "eval_captions": eval_captions}
+    torch.save(data, cache)
+    return data
+
+
+if __name__ == "__main__":
+    main()
