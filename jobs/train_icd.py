@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from icd.config import load_config
 from icd.pipeline.dag import STEPS, TrainingDAG, select_steps
@@ -37,8 +38,15 @@ def main() -> None:
         return
     import ray
 
+    from icd.evaluation.regression import StageRegression
+    from icd.pipeline.dag import PipelineError
+
     ray.init()
-    print(json.dumps(dag.execute(steps)))
+    try:
+        summary = dag.execute(steps)
+    except (PipelineError, StageRegression) as error:  # a message for people, not a traceback
+        sys.exit(f"train_icd: {error}")
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -197,6 +197,31 @@ class Gate(_Section):
     max_regression: float | None = Field(0.0, ge=0, description="allowed loss against the champion; None: no comparison")
 
 
+# What each stage's no-regression check measures (icd.evaluation.regression).
+STAGE_METRICS = {"cfg_distill": ("eps_mse", "caption_accuracy"), "icd": ("psnr", "caption_accuracy"),
+                 "cycle": ("psnr",)}
+
+
+class StageGate(_Section):
+    """A no-regression rule: ``stage``'s output must not be worse than its input on ``metric``.
+
+    Metrics per stage (icd.evaluation.regression.STAGE_METRICS): cfg_distill: eps_mse (lower is
+    better), caption_accuracy; icd: psnr, caption_accuracy; cycle: psnr.
+    """
+
+    stage: Literal["cfg_distill", "icd", "cycle"]
+    metric: Literal["psnr", "caption_accuracy", "eps_mse"]
+    max_regression: float = Field(0.0, ge=0, description="allowed loss against the stage's input (dB, fraction "
+                                  "or MSE, in the metric's unit)")
+
+    @model_validator(mode="after")
+    def _metric_of_stage(self) -> "StageGate":
+        measured = STAGE_METRICS[self.stage]
+        if self.metric not in measured:
+            raise ValueError(f"stage {self.stage} measures {', '.join(measured)}, not {self.metric}")
+        return self
+
+
 class TrackingConfig(_Section):
     experiment: str = "icd"
     tracking_uri: str | None = Field(None, description="defaults to $MLFLOW_TRACKING_URI")
@@ -206,6 +231,15 @@ class TrackingConfig(_Section):
         Gate(metric="psnr", max_regression=0.5),
         Gate(metric="edit_success", max_regression=0.05),
     ])
+    # The DAG refuses to go on (and to register) when a stage's output is worse than its input.
+    stage_gates: list[StageGate] = Field(default_factory=lambda: [
+        StageGate(stage="cfg_distill", metric="eps_mse"),
+        StageGate(stage="cfg_distill", metric="caption_accuracy", max_regression=0.03),
+        StageGate(stage="icd", metric="psnr"),
+        StageGate(stage="icd", metric="caption_accuracy", max_regression=0.03),
+        StageGate(stage="cycle", metric="psnr"),
+    ])
+    stage_check_count: int = Field(64, ge=1, description="held-out images of each stage's no-regression check")
 
     def model_name(self, preset: str) -> str:
         return self.registered_model or f"icd-{preset}"

@@ -19,14 +19,21 @@ TINY = [
     "train.cfg_distill.global_batch_size=16", "train.icd.global_batch_size=16", "train.cycle.global_batch_size=4",
     *[f"train.{stage}.{key}={value}" for stage in ("cfg_distill", "icd", "cycle")
       for key, value in (("steps", 4), ("checkpoint_every", 2), ("images_every", 4))],
+    # 4 steps barely move a model, and one of 16 images is 0.06 of an accuracy: the no-regression
+    # gates here check the plumbing with a tolerance; the refusal below destroys the model outright.
+    "tracking.stage_gates=[{stage: cfg_distill, metric: eps_mse, max_regression: 0.05}, "
+    "{stage: icd, metric: psnr, max_regression: 1.0}, {stage: cycle, metric: psnr, max_regression: 1.0}]",
 ]
 
 
-def submit_dag(env: dict, *extra: str) -> dict:
+def submit_dag(env: dict, *extra: str, expect_failure: bool = False):
     command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
                "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
                *[arg for s in TINY for arg in ("--set", s)], *extra]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    if expect_failure:
+        assert done.returncode != 0, done.stdout[-3000:]
+        return done.stdout + done.stderr
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -49,6 +56,11 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
     assert {r.data.tags["icd.stage"] for r in children} == {"cfg_distill", "icd", "cycle", "evaluate_icd",
                                                             "evaluate_cycle", "register"}
+    # each stage measured against its input; the curve: the input (step 0) and both kept checkpoints
+    assert set(first["no_regression"]) == {"cfg_distill", "icd", "cycle"}
+    icd_run = next(r for r in children if r.data.tags["icd.stage"] == "icd")
+    assert sorted(m.step for m in client.get_metric_history(icd_run.info.run_id, "no_regression.psnr")) == [0, 2, 4]
+    assert abs(icd_run.data.metrics["no_regression.after.psnr"] - first["no_regression"]["icd"]["psnr"]["after"]) < 1e-3
     evaluation = next(r for r in children if r.data.tags["icd.stage"] == "evaluate_cycle")
     assert {"ddim50.psnr", "icd.edit_success", "icd.inplace_success", "icd.shape_iou", "ddim50.shape_accuracy",
             "cycle.lpips_randvgg"} <= set(evaluation.data.metrics)
@@ -67,7 +79,15 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert again["version"] == first["version"]
     assert len(client.search_runs([experiment])) == runs_before + 1  # only the new parent run
 
-    worse = submit_dag(env, "--set", "train.cycle.lr=1.0", "--stages", "cycle,evaluate_cycle,register,promote")
+    # a cycle stage that destroys the model is refused before anything is registered
+    versions = len(client.search_model_versions("name = 'icd-toy'"))
+    refused = submit_dag(env, "--set", "train.cycle.lr=1.0", "--stages", "cycle,evaluate_cycle,register,promote",
+                         expect_failure=True)
+    assert "stage cycle made the model worse" in refused and "cycle.psnr" in refused, refused[-3000:]
+    assert len(client.search_model_versions("name = 'icd-toy'")) == versions
+    # with the stage gate off, the same (reused) output reaches the registry and the promotion gates refuse it
+    worse = submit_dag(env, "--set", "train.cycle.lr=1.0", "--set", "tracking.stage_gates=[]",
+                       "--stages", "cycle,evaluate_cycle,register,promote")
     assert worse["promoted"] is False and worse["version"] != first["version"]
     assert any("worse than the champion" in reason for reason in worse["promotion"]), worse["promotion"]
     assert client.get_model_version_by_alias("icd-toy", "champion").version == first["version"]

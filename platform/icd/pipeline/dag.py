@@ -145,6 +145,8 @@ class TrainingDAG:
                 manifests[stage] = self._stage(stage, steps, run_stage, parent)
                 done(stage, action="reused" if manifests[stage].get("reused") else "trained",
                      detail=manifests[stage]["output"])
+                summary.setdefault("no_regression", {})[stage] = self._no_regression(
+                    stage, manifests[stage], manifests["cfg_distill"] if stage == "icd" else None)
             # evaluate_icd runs as a Ray task while cycle trains
             pending = None
             if "evaluate_icd" in steps:
@@ -153,6 +155,7 @@ class TrainingDAG:
             manifests["cycle"] = self._stage("cycle", steps, run_stage, parent)
             done("cycle", action="reused" if manifests["cycle"].get("reused") else "trained",
                  detail=manifests["cycle"]["output"])
+            summary["no_regression"]["cycle"] = self._no_regression("cycle", manifests["cycle"], manifests["icd"])
             evaluations = {}
             if pending is not None:
                 evaluations["icd"] = ray.get(pending)
@@ -191,6 +194,21 @@ class TrainingDAG:
         client.set_terminated(parent, status="FINISHED")
         summary["seconds"] = round(time.time() - start, 1)
         return summary
+
+    def _no_regression(self, stage: str, manifest: dict, input_manifest: dict | None) -> dict:
+        """Measure the stage's output against its input; a stage that made things worse stops the DAG here."""
+        from icd.evaluation.regression import StageRegression, refusal
+        from icd.evaluation.stage_check import check_stage
+
+        if not any(gate.stage == stage for gate in self.config.tracking.stage_gates):
+            return {}
+        measured, results = check_stage(self.config, stage, manifest, input_manifest, self.settings)
+        for result in results:
+            self.say(f"  no-regression {result.describe()}")
+        message = refusal(results)
+        if message:
+            raise StageRegression(message)
+        return {r.metric: {"before": round(r.before, 4), "after": round(r.after, 4)} for r in results}
 
     def _stage(self, stage: str, steps: list[str], run_stage, parent: str) -> dict:
         if stage in steps:
