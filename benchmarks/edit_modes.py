@@ -7,9 +7,12 @@ Colour-swap edits of held-out shapes images (shapes-eval) with a trained model (
 the newest `cycle` output of the paper-table run): `switch` over the guidance scale w,
 `p2p` over the self-attention injection fraction, `guided` over a scale on the self-attention
 energy weights. Writes the trade-off curve as CSV and PNG (and logs both to MLflow when a
-tracking server is configured). Last line, each mode at its default:
-{"<mode>": {"inplace_success": ..., "shape_iou": ..., "background_psnr": ..., "edit_success": ..., "nfe": ...,
-"ms_per_edit": ...}, ...} (the metrics: icd.evaluation.editing)
+tracking server is configured). Besides, at the defaults: each mode with the model's input stage
+(``icd_<mode>``: the icd adapters that cycle fine-tuned, so cycle's effect shows), and the base
+teacher editing with DDIM-50 and two-pass CFG (``teacher``: prompt switch, ``teacher_p2p``; 150
+NFE). Last line: {"<mode>": {"inplace_success": ..., "shape_iou": ..., "background_psnr": ...,
+"edit_success": ..., "nfe": ..., "ms_per_edit": ...}, ..., "teacher": {...}} (the metrics:
+icd.evaluation.editing)
 """
 
 from __future__ import annotations
@@ -97,8 +100,51 @@ def main() -> None:
     plot(rows, png_path)
     defaults = {r["mode"]: {**{k: round(r[k], 3) for k in EDIT_METRICS}, "nfe": r["nfe"],
                             "ms_per_edit": round(r["ms_per_edit"], 1)} for r in rows if r["default"]}
+    defaults.update(reference_rows(config, manifest, images, captions, settings))
     log_to_mlflow(csv_path, png_path, manifest, defaults)
     print(json.dumps(defaults))
+
+
+def reference_rows(config, manifest: dict, images, captions, settings) -> dict[str, dict]:
+    """Each mode at its default with the model's input stage (``icd_<mode>``), and the teacher's DDIM-50 edits."""
+    from icd.editing.modes import edit
+    from icd.editing.p2p import P2POptions
+    from icd.editing.guided import GuidedOptions
+    from icd.editing.teacher import ddim_edit
+    from icd.evaluation.editing import EDIT_METRICS, editing_metrics
+    from icd.diffusion.boundaries import Boundaries
+    from icd.models.loading import load_bundle
+    from icd.train.stages import load_stage_bundle, read_stage_manifest
+
+    editing, rows = config.editing, {}
+
+    def summarise(name, run):
+        nfe = {}
+
+        def timed(batch, sources, targets):
+            out = run(batch, sources, targets)
+            nfe["value"] = out.nfe
+            return out.images
+        metrics = editing_metrics(timed, images, captions)
+        rows[name] = {**{k: round(metrics[k], 3) for k in EDIT_METRICS}, "nfe": nfe["value"],
+                      "ms_per_edit": round(metrics["ms_per_edit"], 1)}
+        print(f"{name:12s} " + "  ".join(f"{k} {v}" for k, v in rows[name].items()), flush=True)
+
+    previous = read_stage_manifest(manifest["input"], settings) if manifest.get("input") else None
+    if previous is not None and previous.get("adapters"):
+        bundle = load_stage_bundle(previous, settings=settings)
+        boundaries = Boundaries(tuple(previous["boundaries"]["reverse"]), tuple(previous["boundaries"]["forward"]))
+        for mode in SWEEPS:
+            summarise(f"{previous['stage']}_{mode}", lambda batch, sources, targets, mode=mode: edit(
+                bundle, sources, targets, boundaries, mode=mode, images=batch, guidance=editing.guidance,
+                tau=editing.tau, generator=torch.Generator().manual_seed(0), p2p=P2POptions.from_config(editing),
+                guided=GuidedOptions.from_config(editing)))
+    teacher = load_bundle(config.model.base)
+    for name, mode in (("teacher", "switch"), ("teacher_p2p", "p2p")):
+        summarise(name, lambda batch, sources, targets, mode=mode: ddim_edit(
+            teacher, sources, targets, mode=mode, images=batch, num_steps=50, guidance=editing.guidance,
+            tau=editing.tau, p2p=P2POptions.from_config(editing)))
+    return rows
 
 
 def plot(rows: list[dict], path: Path) -> None:

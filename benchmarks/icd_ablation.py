@@ -30,7 +30,7 @@ SAMPLER_CONVS = ("model.lora_targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,f
 OPTIONS = {
     "before": BEFORE,
     "clean_jump": [*BEFORE, "method.preservation_clean_end=jump"],
-    "unguided": [*BEFORE, "method.guidance_scales=[0]"],
+    "unguided": [*BEFORE, "method.reverse_guidance_scales=[0]"],  # cfg_distill keeps its scales
     "lr_1e-4": [*BEFORE, "train.icd.lr=1.0e-4"],
     "lr_3e-5": [*BEFORE, "train.icd.lr=3.0e-5"],
     "default_init": [*BEFORE, "model.lora_init=default"],

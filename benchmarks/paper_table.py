@@ -12,7 +12,11 @@ second run only evaluates. Evaluation: reconstruction of held-out shapes images
 (shapes-eval) — latent MSE and pixel PSNR (the mean of per-image PSNRs, as the published iCD
 evaluation computes it; the PSNR of the set's MSE is printed and logged too) — for DDIM-50,
 DDIM-4 (the guidance-distilled teacher), each iCD variant, the guided decode (w = 7) without and
-with dynamic CFG (tau = 0.7), and cycle. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
+with dynamic CFG (tau = 0.7), and cycle. ``icd4_init`` is the 4-step model before training (zero-initialised
+adapters on the guidance-distilled UNet: the teacher's own DDIM jumps between the boundaries),
+which every trained row must beat; each trained row's PSNR at every checkpoint its run kept (the
+DAG's no-regression curve, `icd.evaluation.stage_check`) is printed against its own untrained
+start. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import argparse
 import json
 import time
 
-ROWS = ("ddim50", "ddim4", "icd2", "icd3", "icd4", "icd4_lf", "icd4_lf_lr", "guided", "guided_dcfg", "cycle")
+ROWS = ("ddim50", "ddim4", "icd4_init", "icd2", "icd3", "icd4", "icd4_lf", "icd4_lf_lr", "guided", "guided_dcfg",
+        "cycle")
 NO_PRESERVATION = ["method.lambda_forward=0", "method.lambda_reverse=0"]
 VARIANTS = {
     "icd2": ["method.reverse_timesteps=[999,499]", "method.forward_timesteps=[19,499]", *NO_PRESERVATION],
@@ -89,6 +94,7 @@ def main() -> None:
     from icd.diffusion.boundaries import Boundaries
     from icd.evaluation.reconstruction import (consistency_reconstructor, ddim_reconstructor, load_eval_images,
                                                reconstruction_metrics)
+    from icd.evaluation.stage_check import input_bundle, measure_stage
     from icd.storage import S3Settings
     from icd.train.runner import run_stage
     from icd.train.stages import load_stage_bundle
@@ -101,7 +107,7 @@ def main() -> None:
     for seed in args.seeds:
         manifests[seed] = {}
         for name in VARIANTS:
-            run_stage(configs[seed][name], "cfg_distill", run=args.run)
+            manifests[seed]["cfg_distill"] = run_stage(configs[seed][name], "cfg_distill", run=args.run)
             manifests[seed][name] = run_stage(configs[seed][name], "icd", run=args.run)
             print(f"[{time.time() - start:.0f}s] seed {seed}: {name} trained", flush=True)
         manifests[seed]["cycle"] = run_stage(configs[seed]["icd4_lf_lr"], "cycle", run=args.run)
@@ -121,14 +127,29 @@ def main() -> None:
         print(f"seed {seed}  {row:12s} mse {result['mse']:.4f}  psnr {result['psnr']:.2f} dB  "
               f"(pooled {result['psnr_pooled']:.2f} dB)  nfe {result['nfe']}", flush=True)
 
+    curves = {seed: {} for seed in args.seeds}
     for seed in args.seeds:
         final = manifests[seed]["icd4_lf_lr"]
         evaluate(seed, "ddim50", final, ddim_reconstructor(50))
         evaluate(seed, "ddim4", final, ddim_reconstructor(4))
+        default = Boundaries.from_config(configs[seed]["icd4_lf_lr"].method)
+        untrained = input_bundle("icd", configs[seed]["icd4"], manifests[seed]["cfg_distill"], settings)
+        result = tables[seed]["icd4_init"] = reconstruction_metrics(untrained, images, captions,
+                                                                    consistency_reconstructor(default))
+        print(f"seed {seed}  icd4_init    mse {result['mse']:.4f}  psnr {result['psnr']:.2f} dB", flush=True)
+        for name in (*VARIANTS, "cycle"):
+            variant = configs[seed]["icd4_lf_lr" if name == "cycle" else name]
+            stage = "cycle" if name == "cycle" else "icd"
+            previous = manifests[seed]["icd4_lf_lr"] if name == "cycle" else manifests[seed]["cfg_distill"]
+            curve = measure_stage(variant, stage, manifests[seed][name], previous, settings)["curve"]
+            curves[seed][name] = curve
+            start = curve["0"]
+            print(f"seed {seed}  {name:12s} psnr by step: " + ", ".join(f"{k}: {v:.2f}" for k, v in curve.items())
+                  + f"  (beats its start at every checkpoint: {all(v > start for k, v in curve.items() if k != '0')})",
+                  flush=True)
         for name in VARIANTS:
             reconstructor = consistency_reconstructor(Boundaries.from_config(configs[seed][name].method))
             evaluate(seed, name, manifests[seed][name], reconstructor)
-        default = Boundaries.from_config(configs[seed]["icd4_lf_lr"].method)
         evaluate(seed, "guided", final, consistency_reconstructor(default, guidance=7.0))
         evaluate(seed, "guided_dcfg", final, consistency_reconstructor(default, guidance=7.0, tau=args.tau))
         evaluate(seed, "cycle", manifests[seed]["cycle"], consistency_reconstructor(default))
@@ -136,6 +157,7 @@ def main() -> None:
     log_to_mlflow(config, tables, vars(args))
     print("pooled psnr:", json.dumps({row: round(table[row]["psnr_pooled"], 2) for row in ROWS}))
     print("psnr by seed:", json.dumps({row: table[row]["psnr_by_seed"] for row in ROWS}))
+    print("psnr by checkpoint:", json.dumps(curves))
     print(json.dumps({row: {"mse": round(table[row]["mse"], 5), "psnr": round(table[row]["psnr"], 2)}
                       for row in ROWS}))
 

@@ -79,6 +79,10 @@ class MethodConfig(_Section):
     beta_start: float = Field(0.00085, gt=0)
     beta_end: float = Field(0.012, gt=0)
     guidance_scales: list[float] = Field(default_factory=lambda: [0.0, 7.0, 11.0, 15.0, 19.0], min_length=1)
+    # The codes w the reverse consistency loss draws its guided teacher targets at; None: guidance_scales
+    # (the paper's). cfg_distill always learns guidance_scales, so a decoder trained on fewer codes
+    # still decodes guided through the w-embedding. Repeat a value to weight it ([0, 0, 0, 0, 7]).
+    reverse_guidance_scales: list[float] | None = Field(None, min_length=1)
     # Segment starts of the reverse (decoder) and forward (encoder) models; a step from t
     # lands on the neighbouring boundary.
     reverse_timesteps: list[int] = Field(default_factory=lambda: [999, 779, 519, 259], min_length=1)

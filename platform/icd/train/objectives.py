@@ -34,6 +34,11 @@ def consistency_jump(bundle: ModelBundle, adapter: str | None, x: torch.Tensor, 
     return ddim_jump_timesteps(bundle.alphas_cumprod, x, eps, t, s)
 
 
+def reverse_guidance_scales(method) -> list[float]:
+    """The codes w of the reverse consistency targets: ``method.reverse_guidance_scales``, else ``guidance_scales``."""
+    return list(method.reverse_guidance_scales or method.guidance_scales)
+
+
 def teacher_grid(num_train_timesteps: int, step: int) -> torch.Tensor:
     """The teacher's timestep grid, descending from T - 1 in steps of ``step``: 999, 979, ..., 19."""
     return torch.arange(num_train_timesteps - 1, -1, -step)
@@ -223,7 +228,7 @@ class ICDObjective(torch.nn.Module):
         super().__init__()
         self.bundle, self.unet, self.boundaries, self.method = bundle, bundle.unet, boundaries, method
         self.targets = {FORWARD: FORWARD, REVERSE: REVERSE, **(targets or {})}
-        self.guidance_scales = torch.tensor(method.guidance_scales, dtype=torch.float32)
+        self.guidance_scales = torch.tensor(reverse_guidance_scales(method), dtype=torch.float32)
         grid = teacher_grid(method.num_train_timesteps, method.teacher_step)
         self.reverse_grid = grid[grid > 0]
         self.forward_grid = grid[(grid < method.num_train_timesteps - 1) & (grid >= boundaries.forward_timesteps[0])]

@@ -41,7 +41,7 @@ GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guid
 # (section, field) -> the value that trains exactly as before the field existed.
 ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "constant",
                ("train", "lr_warmup_steps"): 0, ("method", "preservation_clean_end"): "renoise",
-               ("model", "lora_init"): "gaussian"}
+               ("model", "lora_init"): "gaussian", ("method", "reverse_guidance_scales"): None}
 
 
 def check_stage(stage: str) -> str:
@@ -61,7 +61,7 @@ def stage_identity(config: Config, stage: str) -> str:
     # Settings added after outputs existed are hashed only when they change the training, so those
     # outputs keep their identities (and a resubmitted run still finds them).
     for section, key in ADDED_LATER:
-        if parts[section].get(key) == ADDED_LATER[section, key]:
+        if key in parts[section] and parts[section][key] == ADDED_LATER[section, key]:
             parts[section].pop(key)
     # Logging and checkpoint cadence do not change the weights (the draws are seeded per step).
     for key in ("log_every", "images_every", "checkpoint_every", "keep_checkpoints"):
