@@ -12,7 +12,8 @@ Step 0 is the zero-initialised adapters (the teacher's own DDIM jumps between th
 a trained model must beat it. Each option is a list of ``--set`` overrides on top of --config;
 "before" pins the settings the stage had before this comparison, so the table stays
 reproducible when defaults move. Last line: {"<option>": {"<step>": {"psnr": mean over seeds,
-"mse": ..., "caption_accuracy": ..., "psnr_by_seed": [...]}, ...}, ...}.
+"mse": ..., "caption_accuracy": ..., "inplace_success": ..., "shape_iou": ..., "psnr_by_seed": [...]}, ...}, ...}
+(in place and shape IoU: prompt-switch colour edits at the editing guidance, icd.evaluation.editing).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ OPTIONS = {
     "sampler_convs": [*BEFORE, SAMPLER_CONVS],
     "ema": [*BEFORE, "method.target_ema_decay=0.95"],
     "no_preservation": [*BEFORE, "method.lambda_forward=0", "method.lambda_reverse=0"],
+    "jump_unguided": [*BEFORE, "method.preservation_clean_end=jump", "method.reverse_guidance_scales=[0]"],
+    "jump_mostly_unguided": [*BEFORE, "method.preservation_clean_end=jump",
+                             "method.reverse_guidance_scales=[0,0,0,0,7]"],
 }
 
 
@@ -80,6 +84,7 @@ def evaluate(bundle, config, images, captions) -> dict:
 
     from icd.diffusion import samplers
     from icd.diffusion.boundaries import Boundaries
+    from icd.evaluation.editing import editing_metrics
     from icd.evaluation.reconstruction import consistency_reconstructor, reconstruction_metrics
     from icd.evaluation.report import generation_metrics
 
@@ -93,9 +98,15 @@ def evaluate(bundle, config, images, captions) -> dict:
                 return samplers.generate(bundle, prompts, boundaries, config.editing.guidance, config.editing.tau,
                                          generator=torch.Generator().manual_seed(0)).images
             generation = generation_metrics(generate, captions)
+
+            def edit(batch, sources, targets):  # prompt switch at the editing guidance (8 NFE)
+                return samplers.edit(bundle, sources, targets, boundaries, images=batch, guidance=config.editing.guidance,
+                                     tau=config.editing.tau, generator=torch.Generator().manual_seed(0)).images
+            edits = editing_metrics(edit, images, captions)
     finally:
         bundle.unet.train()
-    return {"psnr": recon["psnr"], "mse": recon["mse"], **generation}
+    return {"psnr": recon["psnr"], "mse": recon["mse"], **generation,
+            "inplace_success": edits["inplace_success"], "shape_iou": edits["shape_iou"]}
 
 
 def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_checkpoint, say) -> object:
@@ -181,12 +192,14 @@ def main() -> None:
                 result = evaluate(model.bundle, config, data["eval_images"], data["eval_captions"])
                 table.setdefault(name, {}).setdefault(str(step), []).append(result)
                 say(f"{name:16s} seed {seed} step {step:4d}: psnr {result['psnr']:.2f} dB  mse {result['mse']:.4f}  "
-                    f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}")
+                    f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}  "
+                    f"in place {result['inplace_success']:.3f}  shape IoU {result['shape_iou']:.3f}")
 
             train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints, on_checkpoint, say)
     summary = {name: {step: {"psnr": round(sum(r["psnr"] for r in rows) / len(rows), 2),
                              "mse": round(sum(r["mse"] for r in rows) / len(rows), 4),
-                             "caption_accuracy": round(sum(r["caption_accuracy"] for r in rows) / len(rows), 3),
+                             **{k: round(sum(r[k] for r in rows) / len(rows), 3)
+                                for k in ("caption_accuracy", "inplace_success", "shape_iou")},
                              "psnr_by_seed": [round(r["psnr"], 2) for r in rows]}
                       for step, rows in steps.items()}
                for name, steps in table.items()}
