@@ -155,6 +155,9 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=64)
     parser.add_argument("--work", default="/tmp/icd-ablation", help="cache of the data and the cfg_distill output")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cycle-steps", type=int, default=0,
+                        help="then train cycle this many steps on each final icd model (row '<option>+cycle', "
+                             "evaluated at 0, half and all of them; step 0 is its icd input)")
     args = parser.parse_args()
 
     import torch
@@ -195,7 +198,21 @@ def main() -> None:
                     f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}  "
                     f"in place {result['inplace_success']:.3f}  shape IoU {result['shape_iou']:.3f}")
 
-            train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints, on_checkpoint, say)
+            model = train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints,
+                          on_checkpoint, say)
+            if args.cycle_steps:
+                config = load_config(args.config, [*sets, f"seed={seed}", f"train.icd.global_batch_size={args.batch}",
+                                                   f"train.icd.steps={max(args.checkpoints)}",
+                                                   f"train.cycle.steps={args.cycle_steps}"])
+                paths = StagePaths.of(config, "icd", f"ablation-{name}", str(work))
+                export_stage(model, paths.output)
+                icd_manifest = make_manifest(paths, config, cfg_manifest, max(args.checkpoints), [])
+                write_json(paths.manifest, icd_manifest)
+
+                def on_cycle(step, model, name=f"{name}+cycle", config=config, seed=seed):
+                    on_checkpoint(step, model, name, config, seed)
+                train("cycle", config, icd_manifest, data["latents"], data["hidden"],
+                      [0, args.cycle_steps // 2, args.cycle_steps], on_cycle, say)
     summary = {name: {step: {"psnr": round(sum(r["psnr"] for r in rows) / len(rows), 2),
                              "mse": round(sum(r["mse"] for r in rows) / len(rows), 4),
                              **{k: round(sum(r[k] for r in rows) / len(rows), 3)
