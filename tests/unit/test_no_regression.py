@@ -86,3 +86,16 @@ def test_guidance_eps_mse_is_zero_for_the_teacher_cfg_itself_and_large_for_one_u
     student = load_stage_bundle(cfg)
     assert guidance_eps_mse(student, teacher, latents, context, uncond, [7.0]) == pytest.approx(
         guidance_eps_mse(teacher, teacher, latents, context, uncond, [7.0]), rel=1e-4)
+
+
+def test_real_photo_captions_are_measured_without_caption_accuracy(toy_stages):
+    config, cfg, icd, images, _ = toy_stages
+    photos = ["a photo of a dog on a sofa"] * len(images[:4])
+    measured = stage_quality("icd", load_stage_bundle(icd), images[:4], photos, config.editing,
+                             Boundaries.from_config(config.method))
+    assert set(measured) == {"psnr"}
+    # the default gates (SD1.5's) ask for what real photos can give; the toy's caption gate cannot be met
+    defaults = load_config(None).tracking.stage_gates
+    assert {g.metric for g in defaults} == {"eps_mse", "psnr"}
+    with pytest.raises(KeyError, match="caption_accuracy needs shapes-world captions"):
+        check_gates("icd", measured, measured, config.tracking.stage_gates)
