@@ -29,6 +29,7 @@ BEFORE = ["method.preservation_clean_end=renoise", "model.lora_init=gaussian", "
 SAMPLER_CONVS = ("model.lora_targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
                  "conv1,conv2,conv_shortcut,time_emb_proj,conv]")
 OPTIONS = {
+    "preset": [],  # --config as it is: the defaults this comparison chose
     "before": BEFORE,
     "clean_jump": [*BEFORE, "method.preservation_clean_end=jump"],
     "unguided": [*BEFORE, "method.reverse_guidance_scales=[0]"],  # cfg_distill keeps its scales
