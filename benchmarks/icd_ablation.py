@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -170,6 +171,10 @@ def main() -> None:
     say = lambda text: print(text, flush=True)  # noqa: E731
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    # The preset as it was at the start: a run takes hours, and the file may be edited meanwhile.
+    snapshot = work / f"config-{os.getpid()}.yaml"
+    snapshot.write_text(Path(args.config).read_text())
+    args.config = str(snapshot)
     base = load_config(args.config, [f"train.cfg_distill.steps={args.cfg_steps}"])
 
     data = shapes_data(base, args, work / f"data-{args.train_count}-{args.eval_count}.pt")
