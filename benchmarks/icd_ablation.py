@@ -26,7 +26,7 @@ from pathlib import Path
 
 # The icd stage as it trained before this comparison (toy.yaml of toy base v2's landing).
 BEFORE = ["method.preservation_clean_end=renoise", "model.lora_init=gaussian", "train.icd.lr=3.0e-4",
-          "method.target_ema_decay=0"]
+          "method.target_ema_decay=0", "method.reverse_guidance_scales=null"]
 SAMPLER_CONVS = ("model.lora_targets=[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
                  "conv1,conv2,conv_shortcut,time_emb_proj,conv]")
 OPTIONS = {
