@@ -194,6 +194,13 @@ def test_lora_init_sets_the_scale_of_a_and_leaves_the_adapter_at_zero():
     assert std == pytest.approx(1 / (3 * fan_in) ** 0.5, rel=0.15)  # uniform on +-1/sqrt(fan_in)
     with pytest.raises(ValueError, match="lora_init"):
         lora_config(8, 8, ["to_q"], init="zeros")
+    # the stage builds its adapters with model.lora_init
+    from icd.models.adapters import add_adapters_from_config
+
+    for init in ("default", "gaussian"):
+        bundle = tiny_bundle(seed=0, guidance_dim=16)
+        add_adapters_from_config(bundle.unet, load_config("jobs/configs/toy.yaml", [f"model.lora_init={init}"]).model)
+        assert bundle.unet.peft_config[REVERSE].init_lora_weights == {"default": True, "gaussian": "gaussian"}[init]
 
 
 def test_the_conv_target_adapts_the_down_and_up_sampler_convolutions():
