@@ -17,7 +17,9 @@ PROMPTS = ["a red circle on a blue background", "a green star on a white backgro
 
 def pipeline() -> EditPipeline:
     bundle = tiny_bundle(seed=3, guidance_dim=16)
-    add_adapters(bundle.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
+    # random B over PEFT's gaussian A: the fixture's model (its scale sets how far bf16 drifts from fp32)
+    add_adapters(bundle.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"],
+                 init="gaussian")
     with torch.no_grad():
         for name, p in bundle.unet.named_parameters():
             if "lora_B" in name:

@@ -168,11 +168,13 @@ def test_reverse_guidance_scales_set_the_codes_of_the_reverse_targets_only(guide
     config = load_config("jobs/configs/toy.yaml", ["method.reverse_guidance_scales=[0, 0, 3]"])
     objective = objectives.ICDObjective(guided_tiny, DEFAULT, config.method)
     assert objective.guidance_scales.tolist() == [0.0, 0.0, 3.0]
-    default = objectives.ICDObjective(guided_tiny, DEFAULT, load_config("jobs/configs/toy.yaml").method)
+    default = objectives.ICDObjective(guided_tiny, DEFAULT, load_config(None).method)  # SD1.5: the paper's codes
     assert default.guidance_scales.tolist() == [0.0, 7.0, 11.0, 15.0, 19.0]
     # cfg_distill still learns every code of guidance_scales: its identity ignores the reverse codes
     assert stage_identity(config, "cfg_distill") == stage_identity(load_config("jobs/configs/toy.yaml"), "cfg_distill")
     assert stage_identity(config, "icd") != stage_identity(load_config("jobs/configs/toy.yaml"), "icd")
+    assert stage_identity(config, "icd") != stage_identity(
+        load_config("jobs/configs/toy.yaml", ["method.reverse_guidance_scales=null"]), "icd")
 
 
 def test_lora_init_sets_the_scale_of_a_and_leaves_the_adapter_at_zero():
