@@ -236,7 +236,7 @@ def shapes_data(config, args, cache: Path) -> dict:
     from icd.models.loading import load_bundle
 
     if cache.exists():
-        return torch.load(cache, weights_only=False)
+        return torch.load(cache, weights_only=True)  # tensors, strings and lists only
     eval_seed_offset = 1_500_000_000  # jobs/make_shards.py's held-out seeds
     bundle = load_bundle(config.model.base)
     _, latents, captions = shapes_set(bundle, range(args.train_count))

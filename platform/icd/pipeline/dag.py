@@ -202,7 +202,7 @@ class TrainingDAG:
 
         if not any(gate.stage == stage for gate in self.config.tracking.stage_gates):
             return {}
-        measured, results = check_stage(self.config, stage, manifest, input_manifest, self.settings)
+        _, results = check_stage(self.config, stage, manifest, input_manifest, self.settings)
         for result in results:
             self.say(f"  no-regression {result.describe()}")
         message = refusal(results)
