@@ -83,7 +83,7 @@ def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
     config = load_config(os.environ.get("ICD_SERVE_CONFIG", "jobs/configs/toy.yaml"))
     device, dtype = inference_placement(config.model.mixed_precision)
     pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, device=device,
-                                          dtype=dtype)
+                                          dtype=dtype, serving=config.serving)
     return LoadedModel(pipeline, manifest["stage"], manifest["identity"], model_uri)
 
 
@@ -147,12 +147,15 @@ class Editor:
     def info(self) -> dict:
         if self.model is None:
             return {"loaded": False}
+        from icd.models.fused import FusedBundle
+
         pipeline = self.model.pipeline
         unet = pipeline.bundle.unet.config
         return {"loaded": True, "name": self.model.name, "version": self.model.version, "source": self.model.source,
                 "resolution": pipeline.resolution, "steps": len(pipeline.boundaries.reverse_timesteps),
                 "latent_size": unet.sample_size, "latent_channels": unet.in_channels, "calls": self.calls,
-                "max_batch_size": self.max_batch_size}
+                "max_batch_size": self.max_batch_size, "fused": isinstance(pipeline.bundle, FusedBundle),
+                "weights_bytes": pipeline.memory()}
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def invert(self, jobs: list[Job]) -> list[tuple]:

@@ -143,6 +143,17 @@ class EditingConfig(_Section):
     guided_bounds: tuple[float, float] = (0.0, 1.0)
 
 
+class ServingConfig(_Section):
+    """How a served model runs (the registry model and the Serve replicas); no effect on training."""
+
+    fuse_adapters: bool = Field(True, description="one UNet per direction with its LoRA merged in: an edit runs "
+                                "plain UNet passes (false: the training form, adapters switched per call)")
+    prompt_cache_size: int = Field(256, ge=0, description="prompt embeddings kept per replica, least recently "
+                                   "used dropped first (0: encode every prompt)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile mode of the served UNets, warmed up when the model loads (for GPUs)")
+
+
 class StageConfig(_Section):
     """Optimisation settings of one training stage."""
 
@@ -257,6 +268,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     editing: EditingConfig = Field(default_factory=EditingConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

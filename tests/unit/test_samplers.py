@@ -212,3 +212,37 @@ def test_per_sample_guidance_in_one_batch_equals_separate_calls():
     assert not torch.allclose(first, samplers.consistency_decode(bundle, x0[:1], context[:1], DEFAULT, 0.0).latents)
     with pytest.raises(ValueError, match="expected \\(steps, batch\\)"):
         samplers.consistency_decode(bundle, x0, context, DEFAULT, ws[:3])
+
+
+def test_step_loops_use_inputs_prepared_before_the_loop(tiny, monkeypatch):
+    """The consistency samplers build every step's t, w-embedding and jump coefficients up front
+    (on a GPU no host-to-device copy per step), and those equal what each step would compute."""
+    plans, seen = [], []
+    real_plan = samplers.step_plan
+
+    def recording_plan(*args):
+        plans.append(real_plan(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(samplers, "step_plan", recording_plan)
+    unet_forward = tiny.unet.forward
+
+    def unet(x, t, encoder_hidden_states=None, timestep_cond=None, **kwargs):
+        seen.append((t, timestep_cond))
+        return unet_forward(x, t, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond, **kwargs)
+
+    monkeypatch.setattr(tiny.unet, "forward", unet)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = samplers.edit(tiny, ["a red circle"] * 2, ["a blue circle"] * 2, DEFAULT, images=images, guidance=7.0,
+                        tau=0.8, generator=torch.Generator().manual_seed(1))
+    planned = [(t, cond) for plan in plans for t, cond, _ in plan]
+    assert len(planned) == len(seen) == out.nfe == 8
+    assert all(t is pt and c is pc for (t, c), (pt, pc) in zip(seen, planned))
+    for plan, timesteps, targets in ((plans[0], DEFAULT.forward_timesteps, DEFAULT.forward_targets),
+                                     (plans[1], DEFAULT.reverse_timesteps, DEFAULT.reverse_targets)):
+        for (t, cond, jump), step, target in zip(plan, timesteps, targets):
+            assert t.tolist() == [step, step]
+            expected = (*alpha_sigma(tiny.alphas_cumprod, step), *target_alpha_sigma(tiny.alphas_cumprod, target))
+            assert all(torch.equal(c, e.float()) for c, e in zip(jump, expected))
+    w_999, w_259 = plans[1][0][1], plans[1][-1][1]  # dynamic CFG at tau 0.8: unguided at 999, w = 7 at 259
+    assert torch.equal(w_999, tiny.guidance_cond(0.0, 2)) and torch.equal(w_259, tiny.guidance_cond(7.0, 2))

@@ -14,7 +14,7 @@ import torch
 
 from icd.diffusion.boundaries import Boundaries
 from icd.diffusion.guidance import cfg_combine, guidance_schedule
-from icd.diffusion.schedule import add_noise, alpha_sigma, ddim_jump, ddim_jump_timesteps
+from icd.diffusion.schedule import add_noise, alpha_sigma, ddim_jump, target_alpha_sigma
 from icd.models.bundle import FORWARD, REVERSE, ModelBundle
 
 Guidance = float | Sequence[float] | torch.Tensor  # a 2-D tensor: (steps, batch)
@@ -33,6 +33,20 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 # --- latent-space cores -----------------------------------------------------------------
 
+def step_plan(bundle: ModelBundle, x: torch.Tensor, timesteps: Sequence[int], targets: Sequence[int],
+              ws: Sequence) -> list[tuple]:
+    """Per step, on x's device before the loop starts: (t, timestep_cond, DDIM-jump coefficients t -> s).
+
+    The jump coefficients are those of `ddim_jump_timesteps`; nothing is copied from the host inside the loop.
+    """
+    plan = []
+    for t, s, w in zip(timesteps, targets, ws):
+        coefficients = (*alpha_sigma(bundle.alphas_cumprod, t), *target_alpha_sigma(bundle.alphas_cumprod, s))
+        plan.append((torch.full((x.shape[0],), int(t), device=x.device), bundle.guidance_cond(w, x.shape[0]),
+                     tuple(c.to(x.device, x.dtype) for c in coefficients)))
+    return plan
+
+
 def consistency_decode(bundle: ModelBundle, x_t: torch.Tensor, context: torch.Tensor, boundaries: Boundaries,
                        guidance: Guidance = 0.0, tau: float | None = None, adapter: str | None = REVERSE,
                        ) -> SampleOutput:
@@ -50,9 +64,8 @@ def consistency_decode(bundle: ModelBundle, x_t: torch.Tensor, context: torch.Te
         ws = guidance_schedule(timesteps, guidance, tau, boundaries.num_train_timesteps)
     x = x_t
     with bundle.adapter(adapter):
-        for t, s, w in zip(timesteps, targets, ws):
-            eps = bundle.eps(x, t, context, w)
-            x = ddim_jump_timesteps(bundle.alphas_cumprod, x, eps, t, s).to(x.dtype)
+        for t, cond, jump in step_plan(bundle, x, timesteps, targets, ws):
+            x = ddim_jump(x, bundle.eps(x, t, context, cond=cond), *jump).to(x.dtype)
     return SampleOutput(x, nfe=len(timesteps))
 
 
@@ -64,9 +77,8 @@ def consistency_encode(bundle: ModelBundle, x0: torch.Tensor, context: torch.Ten
     noise = _noise_like(x0, generator) if noise is None else noise
     x = add_noise(bundle.alphas_cumprod, x0, noise, timesteps[0]).to(x0.dtype)
     with bundle.adapter(adapter):
-        for t, s in zip(timesteps, targets):
-            eps = bundle.eps(x, t, context, 0.0)
-            x = ddim_jump_timesteps(bundle.alphas_cumprod, x, eps, t, s).to(x0.dtype)
+        for t, cond, jump in step_plan(bundle, x, timesteps, targets, [0.0] * len(timesteps)):
+            x = ddim_jump(x, bundle.eps(x, t, context, cond=cond), *jump).to(x0.dtype)
     return SampleOutput(x, nfe=len(timesteps))
 
 

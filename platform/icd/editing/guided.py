@@ -95,11 +95,11 @@ def guided_edit(bundle: ModelBundle, x0: torch.Tensor, source: torch.Tensor, tar
             trajectory[s] = x
     nfe = len(boundaries.forward_timesteps)
 
-    layer = bundle.unet.get_submodule(options.feature_layer)
     ws = guidance_schedule(boundaries.reverse_timesteps, guidance, tau, boundaries.num_train_timesteps)
     steps = zip(boundaries.reverse_timesteps, boundaries.reverse_targets, ws,
                 options.feature_weights, options.self_attention_weights)
     with bundle.adapter(REVERSE):
+        layer = bundle.unet.get_submodule(options.feature_layer)  # of the reverse model (its own UNet when fused)
         for t, s, w, feature_weight, self_weight in steps:
             if feature_weight == 0 and self_weight == 0:
                 with torch.no_grad():

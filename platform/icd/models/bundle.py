@@ -8,6 +8,7 @@ also after an exception.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ class ModelBundle:
     tokenizer: object
     alphas_cumprod: torch.Tensor = field(default_factory=scaled_linear_alphas_cumprod)
     source: str = ""  # where the base weights came from (hub id, directory or s3:// URI)
+    prompt_cache_size: int = 0  # serving: prompt embeddings kept, least recently used dropped first (0: off)
 
     # --- facts --------------------------------------------------------------------
 
@@ -74,28 +76,33 @@ class ModelBundle:
     def _activate(self, name: str | None) -> None:
         """Make adapter ``name`` the only active one, or disable all adapters for None.
 
-        PEFT's switch also flips ``requires_grad`` (active adapter trainable, others frozen);
-        training decides what is trainable once, so that state is put back afterwards.
+        Sets each LoRA layer's state directly (what PEFT's ``BaseTunerLayer.set_adapter`` /
+        ``enable_adapters`` set, without their ``requires_grad`` flips: training decides once what
+        is trainable). diffusers' model-level ``set_adapter`` walks every module of the UNet on each
+        call, a large share of a 4-step decode; the layer list is found once per set of adapters.
         """
-        trainable = [(p, p.requires_grad) for n, p in self.unet.named_parameters() if "lora_" in n]
-        if name is None:
-            self.unet.disable_adapters()
-        else:
-            self.unet.enable_adapters()
-            self.unet.set_adapter(name)
-        for param, flag in trainable:
-            param.requires_grad_(flag)
+        for layer in self._lora_layers():
+            layer._disable_adapters = name is None
+            if name is not None:
+                layer._active_adapter = [name]
 
-    def _active_adapter(self) -> str | None:
+    def _lora_layers(self) -> list:
+        """The UNet's PEFT tuner layers, looked up again only when the UNet or its adapters change."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in self.unet.modules():
-            if isinstance(module, BaseTunerLayer):
-                if module.disable_adapters:
-                    return None
-                active = module.active_adapters
-                return active[0] if active else None
-        return None
+        key = (id(self.unet), tuple(self.adapters))
+        cached = self.__dict__.get("_layer_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)])
+            self.__dict__["_layer_cache"] = cached
+        return cached[1]
+
+    def _active_adapter(self) -> str | None:
+        layers = self._lora_layers()
+        if not layers or layers[0].disable_adapters:
+            return None
+        active = layers[0].active_adapters
+        return active[0] if active else None
 
     # --- encoders -------------------------------------------------------------------
 
@@ -105,8 +112,33 @@ class ModelBundle:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP hidden states (B, 77, D) for the prompts; "" is the unconditional prompt."""
-        return self.text_encoder(self.tokenize(prompts)).last_hidden_state.to(self.dtype)
+        """CLIP hidden states (B, 77, D) for the prompts; "" is the unconditional prompt.
+
+        With ``prompt_cache_size`` > 0 only prompts not seen recently reach the text encoder
+        (real traffic repeats prompts); the text encoder is frozen, so a cached row is exact.
+        """
+        if self.prompt_cache_size <= 0:
+            return self._encode(list(prompts))
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        place = (str(self.device), self.dtype)
+        keys = [(prompt, place) for prompt in prompts]
+        missing = list(dict.fromkeys(key for key in keys if key not in cache))
+        if missing:
+            for key, row in zip(missing, self._encode([prompt for prompt, _ in missing])):
+                cache[key] = row
+        rows = []
+        for key in keys:
+            cache.move_to_end(key)
+            rows.append(cache[key])
+        while len(cache) > self.prompt_cache_size:
+            cache.popitem(last=False)
+        return torch.stack(rows)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        # Outside inference mode even when called inside it: a cached row may later feed a guided
+        # edit, which differentiates through the UNet (inference tensors cannot take part).
+        with torch.inference_mode(False):
+            return self.text_encoder(self.tokenize(prompts)).last_hidden_state.to(self.dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) -> scaled latents (posterior mode)."""
@@ -119,15 +151,24 @@ class ModelBundle:
 
     # --- the one UNet call --------------------------------------------------------------
 
-    def eps(self, x: torch.Tensor, t, context: torch.Tensor, w=None) -> torch.Tensor:
-        """One UNet evaluation; with a w-embedding, ``w`` (scalar or per sample) goes in as timestep_cond."""
+    def guidance_cond(self, w, batch: int) -> torch.Tensor | None:
+        """The UNet's ``timestep_cond`` for code w (scalar or per sample), on the UNet's device; None without a w-embedding."""
+        if self.guidance_dim is None:
+            if w is not None and torch.as_tensor(w).abs().max() > 0:
+                raise ValueError("this UNet has no guidance embedding; use CFG with two passes instead")
+            return None
+        w = torch.zeros(batch) if w is None else torch.as_tensor(w, dtype=torch.float32).expand(batch)
+        return guidance_embedding(w, self.guidance_dim).to(self.device, self.dtype)
+
+    def eps(self, x: torch.Tensor, t, context: torch.Tensor, w=None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet evaluation; with a w-embedding, ``w`` (scalar or per sample) goes in as timestep_cond.
+
+        Step loops pass ``cond`` (from `guidance_cond`) and a device tensor ``t`` computed before the
+        loop, so a step copies nothing from the host.
+        """
         t = torch.as_tensor(t, device=x.device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        cond = None
-        if self.guidance_dim is not None:
-            w = torch.zeros(x.shape[0]) if w is None else torch.as_tensor(w, dtype=torch.float32).expand(x.shape[0])
-            cond = guidance_embedding(w, self.guidance_dim).to(x.device, self.dtype)
-        elif w is not None and torch.as_tensor(w).abs().max() > 0:
-            raise ValueError("this UNet has no guidance embedding; use CFG with two passes instead")
+        if cond is None:
+            cond = self.guidance_cond(w, x.shape[0])
         return self.unet(x.to(self.dtype), t, encoder_hidden_states=context, timestep_cond=cond).sample

@@ -93,8 +93,9 @@ class ICDEditModel(mlflow.pyfunc.PythonModel):
         manifest["adapters"] = {k: str(model_dir / v) for k, v in manifest["adapters"].items()}
         self.config = config
         device, dtype = inference_placement(config.model.mixed_precision)  # a GPU Serve replica: cuda, bf16
+        # The served form: LoRA fused per direction, prompt cache, compiled when configured.
         self.pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, device=device,
-                                                   dtype=dtype)
+                                                   dtype=dtype, serving=config.serving)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         missing = {"image", "source_prompt", "target_prompt"} - set(model_input.columns)
