@@ -70,6 +70,20 @@ def load(url: str, bodies: list[dict], clients: int) -> tuple[float, list[float]
     return len(bodies) / elapsed, [r[0] for r in results], [r[1] for r in results]
 
 
+def start_local_serve(port: int) -> str:
+    """Ray and Serve local to this process (not the stack head's; RAY_ADDRESS from `icd stack env` is for
+    job clients); returns the HTTP proxy's URL."""
+    import ray
+    from ray import serve
+
+    for key in [k for k in os.environ if k.startswith("RAY_")]:
+        os.environ.pop(key)
+    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/toy.yaml")
@@ -109,13 +123,7 @@ def main() -> None:
         inproc_ms.append((time.perf_counter() - started) * 1000)
     del pipeline
 
-    # Local Ray (not the stack head's): RAY_ADDRESS from `icd stack env` is for job clients.
-    for key in [k for k in os.environ if k.startswith("RAY_")]:
-        os.environ.pop(key)
-    ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    url = f"http://127.0.0.1:{args.port}"
+    url = start_local_serve(args.port)
     uri = args.manifest or manifest["output"] + "/manifest.json"
 
     def deploy(max_batch_size: int) -> None:
