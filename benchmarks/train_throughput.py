@@ -65,8 +65,10 @@ def record_passes(model, step) -> list[tuple]:
     """The UNet and VAE-decoder calls of one training step: (module, args, kwargs, grad enabled), inputs detached."""
     modules = [("unet", model.bundle.unet), ("vae_decoder", model.bundle.vae.decoder)]
     teacher = getattr(model.objective, "teacher", None)  # cfg_distill's frozen copy in a full fine-tune
-    if teacher is not None:
-        modules.append(("unet", teacher))
+    decoder = getattr(model.objective, "decoder", None)  # cycle's fused reverse model
+    for extra in (teacher, decoder and decoder.unet):
+        if extra is not None:
+            modules.append(("unet", extra))
     passes, handles = [], []
     for name, module in modules:
         def hook(module, args, kwargs, name=name):

@@ -51,6 +51,10 @@ def test_health_and_models(served):
     assert requests.get(f"{served}/healthz", timeout=30).json()["status"] == "ok"
     info = requests.get(f"{served}/v1/models", timeout=30).json()
     assert info["loaded"] and info["steps"] == 4 and info["resolution"] == 32
+    # the served form: each direction's LoRA fused into its own UNet, so two UNets' weights
+    weights = info["weights_bytes"]
+    assert info["fused"] and weights["total"] == weights["unet"] + weights["vae"] + weights["text_encoder"]
+    assert weights["unet"] > weights["vae"] > 0
 
 
 def test_edit_round_trip_keeps_the_size_and_reports_8_nfe(served):

@@ -504,3 +504,40 @@ def test_checkpoint_round_trip_restores_the_ema_target(tmp_path):
     (tmp_path / "target.safetensors").unlink()
     with pytest.raises(ValueError, match="target_ema_decay"):
         load_checkpoint(tmp_path, trainable, optimizer, target)
+
+
+def test_cycle_runs_its_frozen_decoder_fused_with_the_same_loss_and_gradients():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from icd.losses.cycle import PatchLPIPS
+
+    bundle = adapted_tiny()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in bundle.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    for name, p in bundle.unet.named_parameters():  # as the cycle stage sets it: the forward adapter only
+        p.requires_grad_(f".{FORWARD}." in name and "lora_" in name)
+    method = load_config("jobs/configs/toy.yaml", ["method.lambda_forward=1.0"]).method
+    boundaries = Boundaries.from_config(method)
+    lpips = PatchLPIPS(pretrained_backbone=False)
+    fused = objectives.CycleObjective(bundle, boundaries, method, lpips)
+    unfused = objectives.CycleObjective(bundle, boundaries, method, lpips, fuse_decoder=False)
+    assert unfused.decoder is None
+    assert not any(isinstance(m, BaseTunerLayer) for m in fused.decoder.unet.modules())
+    x0, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    results = []
+    for objective in (fused, unfused):
+        bundle.unet.zero_grad(set_to_none=True)
+        out = objective(x0, context, torch.Generator().manual_seed(3))
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in bundle.unet.named_parameters() if p.grad is not None}))
+    (out_f, grads_f), (out_u, grads_u) = results
+    assert set(out_f) == set(out_u) >= {"cycle", "cd_forward", "preservation_forward"}
+    for key in out_u:
+        assert out_f[key].item() == pytest.approx(out_u[key].item(), rel=1e-4, abs=1e-7), key
+    assert grads_f.keys() == grads_u.keys() and grads_u and all(f".{FORWARD}." in n for n in grads_u)
+    scale = max(g.abs().max().item() for g in grads_u.values())
+    assert all((grads_f[n] - grads_u[n]).abs().max().item() <= 1e-3 * scale for n in grads_u)
+    assert fused.decoder.unet is not bundle.unet and not any(p.requires_grad for p in fused.decoder.unet.parameters())

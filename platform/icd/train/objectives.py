@@ -11,6 +11,8 @@ Guidance notation: ``eps_w = eps(c) + w (eps(c) - eps(empty))`` (code w = 7 is c
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from icd.diffusion.boundaries import Boundaries, teacher_timestep
@@ -127,16 +129,19 @@ def preservation_ends(boundaries: Boundaries, segment: torch.Tensor, clean_end: 
 
 
 def forward_preservation_term(bundle: ModelBundle, x0, context, segment, noise, start_noise,
-                              boundaries: Boundaries, huber_c: float, clean_end: str = "jump") -> torch.Tensor:
+                              boundaries: Boundaries, huber_c: float, clean_end: str = "jump",
+                              decoder: ModelBundle | None = None) -> torch.Tensor:
     """Lf = d(f_fwd(stopgrad f_rev(x_hi)), x_hi): decode one segment, encode it back (unguided).
 
-    ``start_noise`` is used only by ``clean_end="renoise"`` (see `CLEAN_END_MODES`).
+    ``start_noise`` is used only by ``clean_end="renoise"`` (see `CLEAN_END_MODES`). ``decoder``: the
+    reverse model as its own bundle (`frozen_decoder`), else ``bundle``'s reverse adapter.
     """
     hi, lo, start = (v.to(x0.device) for v in preservation_ends(boundaries, segment, clean_end))
     acp = bundle.alphas_cumprod
     x_hi = add_noise(acp, x0, noise, hi).to(x0.dtype)
     with torch.no_grad():
-        x_lo = consistency_jump(bundle, REVERSE, x_hi, hi, lo, context, 0.0)
+        x_lo = (consistency_jump(bundle, REVERSE, x_hi, hi, lo, context, 0.0) if decoder is None
+                else consistency_jump(decoder, None, x_hi, hi, lo, context, 0.0))
         clean = (lo == 0).reshape(-1, *([1] * (x0.dim() - 1)))
         x_start = torch.where(clean, add_noise(acp, x_lo, start_noise, start).to(x0.dtype), x_lo)
     prediction = consistency_jump(bundle, FORWARD, x_start, start, hi, context, 0.0)
@@ -161,12 +166,18 @@ def reverse_preservation_term(bundle: ModelBundle, x0, context, segment, noise, 
 
 
 def cycle_term(bundle: ModelBundle, lpips: PatchLPIPS, x0, context, boundaries: Boundaries,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """LPIPS(decode(f_rev^m(f_fwd^m(x0))), decode(x0)): the encoder from t = 0 with gradients, the decoder unguided."""
+               generator: torch.Generator | None = None, decoder: ModelBundle | None = None) -> torch.Tensor:
+    """LPIPS(decode(f_rev^m(f_fwd^m(x0))), decode(x0)): the encoder from t = 0 with gradients, the decoder unguided.
+
+    ``decoder``: the reverse model as its own bundle (`frozen_decoder`), else ``bundle``'s reverse adapter.
+    """
     from_zero = Boundaries(boundaries.reverse_timesteps, (0, *boundaries.forward_timesteps[1:]),
                            boundaries.num_train_timesteps)
     encoded = consistency_encode(bundle, x0, context, from_zero, generator).latents
-    decoded = consistency_decode(bundle, encoded, context, from_zero, guidance=0.0).latents
+    if decoder is None:
+        decoded = consistency_decode(bundle, encoded, context, from_zero, guidance=0.0).latents
+    else:
+        decoded = consistency_decode(decoder, encoded, context, from_zero, guidance=0.0, adapter=None).latents
     with torch.no_grad():
         target_images = bundle.decode_latents(x0)
     return cycle_loss(lpips, bundle.decode_latents(decoded), target_images)
@@ -265,19 +276,44 @@ class ICDObjective(torch.nn.Module):
         return {"loss": loss, **{k: v.detach() for k, v in parts.items()}}
 
 
+def frozen_decoder(bundle: ModelBundle) -> ModelBundle:
+    """The reverse model as a bundle of its own: a UNet copy with the reverse LoRA fused into its weights.
+
+    For stages that keep the reverse model frozen (cycle): its passes then run no LoRA branches,
+    while gradients still flow through it to its input. Costs one more UNet in memory.
+    """
+    from icd.models.fused import fused_unet
+
+    return dataclasses.replace(bundle, unet=fused_unet(bundle.unet, REVERSE))
+
+
 class CycleObjective(ICDObjective):
-    """The forward adapter only: cycle LPIPS (coefficient 1) + its consistency loss + lf Lf."""
+    """The forward adapter only: cycle LPIPS (coefficient 1) + its consistency loss + lf Lf.
+
+    The reverse model is frozen here, so its passes (the cycle's decode, Lf's stop-gradient decode)
+    run on `frozen_decoder`'s fused copy: equal to the adapter's passes up to fp32 rounding, without
+    the LoRA branches (about a third of the stage's UNet work).
+    """
 
     def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, lpips: PatchLPIPS,
-                 targets: dict[str, str] | None = None):
+                 targets: dict[str, str] | None = None, fuse_decoder: bool = True):
         super().__init__(bundle, boundaries, method, targets)
         self.vae, self.lpips = bundle.vae, lpips
+        self.decoder = frozen_decoder(bundle) if fuse_decoder else None
+
+    def preservation_term(self, which: str, x0, context, generator) -> torch.Tensor:
+        if which != "forward":
+            raise ValueError("the cycle stage trains the forward model only: Lr does not apply")
+        segment = _uniform(len(self.boundaries.reverse_timesteps), x0.shape[0], generator)
+        return forward_preservation_term(self.bundle, x0, context, segment, _noise(x0, generator),
+                                         _noise(x0, generator), self.boundaries, self.method.huber_c,
+                                         self.method.preservation_clean_end, self.decoder)
 
     def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         b, m = latents.shape[0], self.method
         t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(latents.device)
         parts = {
-            "cycle": cycle_term(self.bundle, self.lpips, latents, context, self.boundaries, generator),
+            "cycle": cycle_term(self.bundle, self.lpips, latents, context, self.boundaries, generator, self.decoder),
             "cd_forward": forward_consistency_term(self.bundle, latents, context, t_fwd, _noise(latents, generator),
                                                    self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD]),
         }

@@ -259,6 +259,9 @@ def build_stage_model(stage: str, config: Config, input_manifest: dict | None,
     bundle.unet.train()
     if config.model.gradient_checkpointing and torch.device(device).type == "cuda":
         bundle.unet.enable_gradient_checkpointing()
+        decoder = getattr(objective, "decoder", None)  # cycle's fused reverse copy: backward runs through it
+        if decoder is not None:
+            decoder.unet.enable_gradient_checkpointing()
     return StageModel(stage, bundle, objective, uncond, target)
 
 
