@@ -292,7 +292,7 @@ class CycleObjective(ICDObjective):
 
     The reverse model is frozen here, so its passes (the cycle's decode, Lf's stop-gradient decode)
     run on `frozen_decoder`'s fused copy: equal to the adapter's passes up to fp32 rounding, without
-    the LoRA branches (about a third of the stage's UNet work).
+    the LoRA branches (5 of the 13 UNet passes of a step with Lf).
     """
 
     def __init__(self, bundle: ModelBundle, boundaries: Boundaries, method, lpips: PatchLPIPS,
