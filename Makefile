@@ -41,7 +41,7 @@ demo: stack-up
 	$(BIN)/icd serve up
 	@$(BIN)/icd stack status
 	@echo "MLflow UI: $$($(BIN)/icd stack env | sed -n "s/^export MLFLOW_TRACKING_URI=//p")"
-	@echo "Ray dashboard: $$($(BIN)/icd stack env | sed -n "s/^export RAY_ADDRESS=//p")"
+	@echo "Ray dashboard: $$($(BIN)/icd stack env | sed -n "s/^export RAY_DASHBOARD_ADDRESS=//p")"
 
 # The web page test drives Debian's chromium through Playwright (no browser download).
 browser:

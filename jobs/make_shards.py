@@ -14,11 +14,11 @@ import json
 
 from tqdm import tqdm
 
+from icd.data.shapes import EVAL_SEED_OFFSET
 from icd.data.shards import write_dataset
 from icd.data.sources import folder_samples, shapes_samples
 from icd.storage import S3Settings, read_json
 
-EVAL_SEED_OFFSET = 1_500_000_000  # held-out shapes seeds
 
 
 def main() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,6 +18,8 @@ from icd.config import load_config
 from icd.train.stages import export_untrained
 
 SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
+REPO = Path(__file__).resolve().parents[2]
+MAX_BODY = 1024 * 1024  # the served app's max_body_bytes here
 
 
 def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
@@ -40,7 +45,8 @@ def served(stack, local_ray, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from serve.app import build_app
 
-    serve.run(build_app({"model_uri": f"{manifest['output']}/manifest.json"}), name="icd", route_prefix="/")
+    serve.run(build_app({"model_uri": f"{manifest['output']}/manifest.json", "max_body_bytes": MAX_BODY}),
+              name="icd", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     os.environ.clear()
@@ -94,23 +100,145 @@ def test_concurrent_requests_share_batches(served):
     assert calls < len(bodies), calls  # unbatched: one model call per request
 
 
-@pytest.mark.parametrize("body,status,field", [
-    ({"image": "not base64!", "source_prompt": SOURCE, "target_prompt": TARGET}, 400, "image"),
-    ({"image": base64.b64encode(b"plain text").decode(), "source_prompt": SOURCE, "target_prompt": TARGET}, 400, "image"),
-    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": "  "}, 422, "target_prompt"),
-    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": "x" * 501}, 422, "target_prompt"),
-    ({"image": png_b64(), "source_prompt": "", "target_prompt": TARGET}, 422, "source_prompt"),
-    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "guidance": "high"}, 422, "guidance"),
-    ({"latent_id": "0" * 64, "target_prompt": TARGET}, 404, "latent_id"),
-    ({"latent_id": "abc", "target_prompt": TARGET}, 422, "latent_id"),
-    ({"source_prompt": SOURCE, "target_prompt": TARGET}, 422, "image"),
-    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "steps": 3}, 422, "steps"),
-    ({"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET, "mode": "magic"}, 422, "mode"),
-])
-def test_bad_requests_get_a_4xx_naming_the_field(served, body, status, field):
-    response = requests.post(f"{served}/v1/edit", json=body, timeout=60)
+def png_bytes(size=(40, 24), color=(220, 40, 40)) -> bytes:
+    return base64.b64decode(png_b64(size, color))
+
+
+def send(url: str, path: str, fields: dict, image: bytes | None, form: str, **kwargs) -> requests.Response:
+    """One request in either form: JSON with the image as base64, or multipart with an image file part."""
+    if form == "json":
+        body = {**fields, **({"image": base64.b64encode(image).decode()} if image is not None else {})}
+        return requests.post(f"{url}{path}", json=body, timeout=120, **kwargs)
+    files = {"image": ("photo.png", image, "image/png")} if image is not None else None
+    return requests.post(f"{url}{path}", data={k: str(v) for k, v in fields.items()}, files=files, timeout=120,
+                         **kwargs)
+
+
+# Every bad input is a 4xx naming the field, never a 5xx, whichever form the request took.
+BAD_EDITS = [  # (fields, image, status, field)
+    ({"source_prompt": SOURCE, "target_prompt": TARGET}, b"plain text", 400, "image"),
+    ({"source_prompt": SOURCE, "target_prompt": "  "}, png_bytes(), 422, "target_prompt"),
+    ({"source_prompt": SOURCE, "target_prompt": "x" * 501}, png_bytes(), 422, "target_prompt"),
+    ({"source_prompt": "", "target_prompt": TARGET}, png_bytes(), 422, "source_prompt"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET, "guidance": "high"}, png_bytes(), 422, "guidance"),
+    ({"latent_id": "0" * 64, "target_prompt": TARGET}, None, 404, "latent_id"),
+    ({"latent_id": "abc", "target_prompt": TARGET}, None, 422, "latent_id"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET}, None, 422, "image"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET, "steps": 3}, png_bytes(), 422, "steps"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET, "mode": "magic"}, png_bytes(), 422, "mode"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET, "response_format": "gif"}, png_bytes(), 422,
+     "response_format"),
+    ({"source_prompt": SOURCE}, png_bytes(), 422, "target_prompt"),
+    ({"source_prompt": SOURCE, "target_prompt": TARGET}, b"x" * (2 * MAX_BODY), 413, "body"),
+]
+
+
+@pytest.mark.parametrize("form", ["json", "multipart"])
+@pytest.mark.parametrize("fields,image,status,field", BAD_EDITS)
+def test_bad_requests_get_a_4xx_naming_the_field(served, form, fields, image, status, field):
+    response = send(served, "/v1/edit", fields, image, form)
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
+
+
+@pytest.mark.parametrize("path,fields,status,field", [
+    ("/v1/invert", {}, 422, "prompt"),
+    ("/v1/reconstruct", {"prompt": " "}, 422, "prompt"),
+    ("/v1/invert", {"prompt": SOURCE, "seed": -1}, 422, "seed"),
+])
+@pytest.mark.parametrize("form", ["json", "multipart"])
+def test_bad_inversions_get_a_4xx_in_both_forms(served, form, path, fields, status, field):
+    response = send(served, path, fields, png_bytes(), form)
+    assert response.status_code == status and response.json()["field"] == field, response.text
+
+
+def test_json_only_and_form_only_mistakes(served):
+    not_b64 = requests.post(f"{served}/v1/edit", json={"image": "not base64!", "source_prompt": SOURCE,
+                                                       "target_prompt": TARGET}, timeout=60)
+    assert not_b64.status_code == 400 and not_b64.json()["field"] == "image"
+    wrong_part = requests.post(f"{served}/v1/edit", data={"source_prompt": SOURCE, "target_prompt": TARGET},
+                               files={"photo": ("a.png", png_bytes(), "image/png")}, timeout=60)
+    assert wrong_part.status_code == 422 and wrong_part.json()["field"] == "photo"
+    text = requests.post(f"{served}/v1/edit", data=b"hello", headers={"Content-Type": "text/plain"}, timeout=60)
+    assert text.status_code == 415 and text.json()["field"] == "content-type"
+    array = requests.post(f"{served}/v1/edit", json=[1, 2], timeout=60)
+    assert array.status_code == 422 and array.json()["field"] == "body"
+
+
+def test_multipart_upload_with_a_png_response(served):
+    """`curl -F image=@photo.png -F ... -H 'Accept: image/png'`: the picture itself, its facts in headers."""
+    fields = {"source_prompt": SOURCE, "target_prompt": TARGET, "guidance": 7, "tau": "none", "seed": 3}
+    response = send(served, "/v1/edit", fields, png_bytes((40, 24)), "multipart", headers={"Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (40, 24)
+    assert response.headers["X-ICD-NFE"] == "8" and response.headers["X-ICD-Mode"] == "switch"
+    assert response.headers["X-ICD-Model-Version"]
+    # The same edit as JSON gives the same picture: both forms reach the same model call.
+    as_json = send(served, "/v1/edit", {**fields, "tau": None}, png_bytes((40, 24)), "json").json()
+    assert base64.b64decode(as_json["image"]) == response.content and as_json["nfe"] == 8
+    by_field = send(served, "/v1/reconstruct", {"prompt": SOURCE, "response_format": "png"}, png_bytes((20, 30)),
+                    "multipart")
+    assert by_field.headers["content-type"] == "image/png" and by_field.headers["X-ICD-Mode"] == "reconstruct"
+    generated = requests.post(f"{served}/v1/generate", data={"prompt": SOURCE, "width": "48", "height": "40"},
+                              headers={"Accept": "image/png"}, timeout=120)
+    assert Image.open(io.BytesIO(generated.content)).size == (48, 40)
+    refused = send(served, "/v1/invert", {"prompt": SOURCE}, png_bytes(), "multipart", headers={"Accept": "image/png"})
+    assert refused.status_code == 406 and refused.json()["field"] == "accept"
+
+
+def test_an_inverted_latent_can_be_deleted(served):
+    inverted = send(served, "/v1/invert", {"prompt": SOURCE}, png_bytes((33, 33), (1, 2, 3)), "multipart").json()
+    assert inverted["expires_in_s"] == 86400
+    latent_id = inverted["latent_id"]
+    assert send(served, "/v1/edit", {"latent_id": latent_id, "target_prompt": TARGET}, None, "json").status_code == 200
+    assert requests.delete(f"{served}/v1/latents/{latent_id}", timeout=30).status_code == 204
+    gone = send(served, "/v1/edit", {"latent_id": latent_id, "target_prompt": TARGET}, None, "json")
+    assert gone.status_code == 404 and gone.json()["field"] == "latent_id"
+    again = requests.delete(f"{served}/v1/latents/{latent_id}", timeout=30)
+    assert again.status_code == 404 and again.json()["field"] == "latent_id"
+    assert requests.delete(f"{served}/v1/latents/nothex", timeout=30).status_code == 422
+
+
+def test_examples_are_held_out_shapes_images_with_an_edit(served):
+    from icd.data.shapes import parse_caption
+
+    examples = requests.get(f"{served}/v1/examples", timeout=60).json()
+    assert len(examples) == 6
+    for example in examples:
+        assert Image.open(io.BytesIO(base64.b64decode(example["image"]))).size == (32, 32)
+        source, target = parse_caption(example["source_prompt"]), parse_caption(example["target_prompt"])
+        assert source and target and sum(a != b for a, b in zip(source, target)) == 1
+
+
+def test_openapi_documents_both_forms_and_the_png_response(served):
+    paths = requests.get(f"{served}/openapi.json", timeout=30).json()["paths"]
+    for path in ("/v1/edit", "/v1/invert", "/v1/reconstruct"):
+        content = paths[path]["post"]["requestBody"]["content"]
+        assert content["multipart/form-data"]["schema"]["properties"]["image"]["format"] == "binary", path
+        assert content["application/json"]["schema"]["properties"]["image"]["format"] == "byte", path
+    assert "image/png" in paths["/v1/edit"]["post"]["responses"]["200"]["content"]
+    assert "delete" in paths["/v1/latents/{latent_id}"]
+
+
+def _readme_block(name: str) -> str:
+    """The fenced code block after ``<!-- example: name -->`` in serve/README.md."""
+    text = (REPO / "serve/README.md").read_text()
+    after = text.split(f"<!-- example: {name} -->", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+@pytest.mark.parametrize("name", ["curl", "requests"])
+def test_the_readme_examples_work(served, name, tmp_path):
+    from icd.data.shapes import random_sample
+
+    Image.fromarray(random_sample(7).image).save(tmp_path / "photo.png")
+    env = {**os.environ, "ICD_SERVE_URL": served}
+    command = ["bash", "-euo", "pipefail", "-c", _readme_block(name)] if name == "curl" else \
+        [sys.executable, "-c", _readme_block(name)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert Image.open(tmp_path / "edited.png").size == (32, 32)
 
 
 def test_the_config_file_is_a_valid_serve_deploy_config():

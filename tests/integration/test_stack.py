@@ -103,6 +103,23 @@ def test_ray_job_submit(stack):
     assert f"answer 42 {sys.prefix}" in result.stdout  # the job ran this virtual environment's python
 
 
+def test_every_ray_tool_reaches_the_stack_from_its_client_env(stack):
+    """After `eval "$(icd stack env)"` no tool needs --address: each reads the variable it knows."""
+    status = _ray(stack, "status", timeout=120)
+    assert status.returncode == 0 and "CPU" in status.stdout, status.stdout + status.stderr
+    job = _ray(stack, "job", "submit", "--", "python", "-c", "print('from a job')", timeout=240)
+    assert job.returncode == 0 and "from a job" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
+    env = {**os.environ, **stack.client_env()}
+    serve_status = subprocess.run([str(Path(sys.executable).parent / "serve"), "status"], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=120)
+    assert serve_status.returncode == 0 and "applications" in serve_status.stdout, \
+        serve_status.stdout + serve_status.stderr
+    script = "import ray; ray.init(); print('nodes', len(ray.nodes())); ray.shutdown()"
+    init = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert init.returncode == 0 and "nodes 1" in init.stdout, init.stdout + init.stderr[-3000:]
+
+
 def test_ray_job_submit_without_token_is_refused(stack):
     result = _ray(stack, "job", "list", "--address", stack.ray_dashboard_url,
                   env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent", "RAY_AUTH_TOKEN": "wrong"},

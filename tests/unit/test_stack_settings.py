@@ -39,7 +39,9 @@ def test_secrets_do_not_show_in_repr(make_stack_settings, tmp_path):
 def test_client_env_names_everything_a_client_needs(make_stack_settings, tmp_path):
     s = make_stack_settings(tmp_path, base=40000)
     env = s.client_env()
-    assert env["RAY_ADDRESS"] == "http://127.0.0.1:40003"
+    # ray.init() / `ray status` take the GCS address; the jobs CLI and Serve's CLI the dashboard's.
+    assert env["RAY_ADDRESS"] == "127.0.0.1:40002"
+    assert env["RAY_API_SERVER_ADDRESS"] == env["RAY_DASHBOARD_ADDRESS"] == "http://127.0.0.1:40003"
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:40001"
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:40000"
     assert env["AWS_ACCESS_KEY_ID"] == s.s3_access_key.get_secret_value()
@@ -73,7 +75,7 @@ def test_ray_head_is_loopback_only_with_token_auth(make_stack_settings, tmp_path
     assert "--port=40002" in cmd and "--dashboard-port=40003" in cmd
     env = RAY.env(s)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
-    assert "RAY_ADDRESS" not in env
+    assert not {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"} & set(env)
     # Jobs run `python` from this virtual environment.
     assert env["PATH"].split(":")[0] == str(services.venv_bin())
     s_open = make_stack_settings(tmp_path, host="0.0.0.0")

@@ -28,6 +28,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 IMAGE_SIZE = 32
+# The held-out split's first seed: jobs/make_shards.py writes <name>-eval from EVAL_SEED_OFFSET + seed on.
+EVAL_SEED_OFFSET = 1_500_000_000
 DRAW_SIZE = 128
 STAR_INNER_RATIO = 0.45
 

@@ -188,7 +188,8 @@ def _ray_command(s: StackSettings) -> list[str]:
 
 def _ray_env(s: StackSettings) -> dict[str, str]:
     env = {**_base_env(s), **s.client_env()}
-    env.pop("RAY_ADDRESS")  # the head must start a cluster, not join one
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"):
+        env.pop(name)  # the head must start a cluster, not join one
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # On SIGTERM `ray start --block` would first drain the node for 30 s, which only
     # matters to multi-node Serve upgrades; a local head should stop at once.

@@ -131,10 +131,17 @@ class StackSettings(BaseSettings):
         return self.s3_access_key.get_secret_value(), self.s3_secret_key.get_secret_value()
 
     def client_env(self) -> dict[str, str]:
-        """What a client of the stack needs: Ray job submission, MLflow, S3."""
+        """What a client of the stack needs: Ray (every tool), MLflow, S3.
+
+        Ray's tools read different variables: ``ray.init()`` and ``ray status`` a GCS address in
+        RAY_ADDRESS; the jobs CLI and SDK RAY_API_SERVER_ADDRESS before RAY_ADDRESS; Serve's CLI
+        RAY_DASHBOARD_ADDRESS. Each gets the address it understands.
+        """
         access_key, secret_key = self.credentials()
         return {
-            "RAY_ADDRESS": self.ray_dashboard_url,
+            "RAY_ADDRESS": self.ray_gcs_address,
+            "RAY_API_SERVER_ADDRESS": self.ray_dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": self.ray_dashboard_url,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.ray_auth_token_path),
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
