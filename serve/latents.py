@@ -1,6 +1,6 @@
 """Inverted latents in object storage: the handles behind "invert once, edit many".
 
-A handle is the sha256 of the latents' safetensors bytes, so the same image, prompt, seed and
+A handle is the sha256 of the latents and their metadata, so the same image, prompt, seed and
 model give the same id, and writing it again renews it. Each handle lives ``ttl_s`` seconds from
 its last write (the object's modification time in S3): a read after that answers 404, and
 ``sweep`` deletes what has expired. ``Gateway`` sweeps at most every ``sweep_every_s`` from a
@@ -10,6 +10,7 @@ worker thread after an inversion, so a store that is written is also cleaned.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 import threading
 import time
@@ -25,6 +26,20 @@ class LatentError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def content_id(latents, meta: dict[str, str]) -> str:
+    """sha256 of the latents (dtype, shape, bytes) and the sorted metadata.
+
+    Not of the safetensors file: safetensors writes its metadata in no fixed order, so the same
+    latents would get a different file (and id) from one write to the next.
+    """
+    import torch
+
+    digest = hashlib.sha256(f"{latents.dtype}{tuple(latents.shape)}".encode())
+    digest.update(latents.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(meta, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def check_id(latent_id: str) -> str:
@@ -59,8 +74,10 @@ class LatentStore:
     def put(self, latents, meta: dict) -> str:
         from safetensors.torch import save
 
-        blob = save({"latents": latents.contiguous()}, metadata={k: str(v) for k, v in meta.items()})
-        latent_id = hashlib.sha256(blob).hexdigest()
+        meta = {k: str(v) for k, v in meta.items()}
+        latents = latents.detach().cpu().contiguous()
+        blob = save({"latents": latents}, metadata=meta)
+        latent_id = content_id(latents, meta)
         fs, path = self._path(latent_id)
         with fs.open_output_stream(path) as f:
             f.write(blob)
