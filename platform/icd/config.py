@@ -194,6 +194,9 @@ class ScalingConfig(_Section):
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
+    # How long a stage waits for its workers' resources to be free before it fails naming who
+    # holds them (icd.train.resources); 0 skips the check. Long on clusters that add nodes.
+    resources_timeout_s: float = Field(600.0, ge=0)
 
 
 class StorageConfig(_Section):

@@ -7,7 +7,10 @@ from __future__ import annotations
 import base64
 import io
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,12 @@ from icd.stack import serving
 from icd.train.stages import export_untrained
 
 REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 MODEL = "icd-serve-deploy-test"
 URI = f"models:/{MODEL}@champion"
 SOURCE, TARGET = "a red circle on a blue background", "a green circle on a blue background"
 CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = REPO / ".test-artifacts"  # what a person looks at after the run: the page's screenshot
 
 
 def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
@@ -148,6 +153,58 @@ def test_the_web_page_edits_an_uploaded_image_in_chromium(page, tmp_path):
     assert sizes == [[48, 40]] * 3  # original / reconstruction / edit side by side, at the input's size
 
 
+PIXELS = """(ids) => ids.map(id => {
+  const img = document.getElementById(id), canvas = document.createElement('canvas');
+  canvas.width = 32; canvas.height = 32;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0, 32, 32);
+  return Array.from(context.getImageData(0, 0, 32, 32).data);
+})"""
+
+
+def mean_abs_difference(a: list[int], b: list[int]) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+
+
+def test_the_web_page_edits_an_example_and_edits_again_from_the_kept_inversion(page):
+    """A newcomer's path: pick an example, edit, change only the target, edit again (4 NFE)."""
+    page.wait_for_selector("#examples button.example")
+    assert page.locator("#examples button.example").count() == 6
+    page.click("#examples button.example >> nth=1")
+    source, first_target = page.input_value("#source"), page.input_value("#target")
+    assert source != first_target and source.startswith("a ")
+    page.select_option("#mode", "switch")
+    page.fill("#guidance", "7")
+    page.fill("#seed", "5")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=120_000)
+    status = page.inner_text("#status")
+    assert "8 UNet passes (4 to invert, 4 to decode)" in status and " s:" in status, status
+    original, first_edit = page.evaluate(PIXELS, ["original", "edit"])
+    assert mean_abs_difference(original, first_edit) > 2, "the edit did not change the picture"
+    assert page.inner_text("#run") == "Edit again"
+
+    other = "a yellow star on a black background" if "yellow" not in first_target else "a white star on a black background"
+    page.fill("#target", other)
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.includes('reused')", timeout=120_000)
+    assert "4 UNet passes (the inversion was reused)" in page.inner_text("#status")
+    (second_edit,) = page.evaluate(PIXELS, ["edit"])
+    assert mean_abs_difference(first_edit, second_edit) > 1, "a new target prompt gave the same picture"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page-edit.png"), full_page=True)
+
+
+def test_the_web_page_edits_in_p2p_mode(page):
+    page.wait_for_selector("#examples button.example")
+    page.click("#examples button.example >> nth=0")
+    page.select_option("#mode", "p2p")
+    page.fill("#tau", "")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('Done')", timeout=180_000)
+    assert "(p2p)" in page.inner_text("#status"), page.inner_text("#status")
+
+
 def test_the_web_page_shows_an_api_error(page, tmp_path):
     picture = tmp_path / "upload.png"
     Image.new("RGB", (16, 16), (0, 0, 0)).save(picture)
@@ -156,3 +213,43 @@ def test_the_web_page_shows_an_api_error(page, tmp_path):
     page.click("#run")
     page.wait_for_selector("#status.error", timeout=60_000)
     assert page.inner_text("#status").startswith("target_prompt:"), page.inner_text("#status")
+
+
+# --- serving and training on one stack ------------------------------------------------------------
+
+COEXIST_SETTINGS = ["data.dataset=serve-coexist-shapes", "data.eval_dataset=null",
+                    "train.cfg_distill.steps=2", "train.cfg_distill.global_batch_size=8",
+                    "train.cfg_distill.checkpoint_every=2", "train.cfg_distill.images_every=2",
+                    "train.cfg_distill.log_every=1"]
+
+
+def submit_stage(stack, *settings: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+    command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_stage.py",
+               "--stage", "cfg_distill", "--config", "jobs/configs/toy.yaml", "--run", "serve-coexist",
+               *[arg for s in (*COEXIST_SETTINGS, *settings) for arg in ("--set", s)]]
+    started = time.monotonic()
+    done = subprocess.run(command, env={**os.environ, **stack.client_env()}, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    return done, time.monotonic() - started
+
+
+def test_a_stage_trains_while_the_editor_is_served(deployed, stack):
+    """`icd serve up` holds 1 logical CPU, the one the head adds for it: a stage still fits."""
+    made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "serve-coexist-shapes", "--count", "64",
+                           "--per-shard", "32", "--eval-count", "0"], env={**os.environ, **stack.client_env()},
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert serving.status(stack)["applications"]["icd"]["status"] == "RUNNING"
+    done, seconds = submit_stage(stack)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert seconds < 400, f"a 2-step stage took {seconds:.0f} s beside the served editor"
+    assert requests.get(f"{stack.serve_url}/healthz", timeout=30).status_code == 200  # still serving
+
+
+def test_a_stage_that_cannot_fit_fails_in_seconds_naming_the_editor(deployed, stack):
+    done, seconds = submit_stage(stack, "scaling.cpus_per_worker=1.5", "scaling.resources_timeout_s=3",
+                                 "train.cfg_distill.lr=2e-4")  # another identity: never the finished one
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert "ServeReplica:icd:Editor" in output and "icd serve down" in output, output[-3000:]
+    assert seconds < 120, seconds

@@ -1,3 +1,4 @@
+import os
 import socket
 import subprocess
 import sys
@@ -73,6 +74,9 @@ def test_ray_head_is_loopback_only_with_token_auth(make_stack_settings, tmp_path
     cmd = RAY.command(s)
     assert "--node-ip-address=127.0.0.1" in cmd and "--dashboard-host=127.0.0.1" in cmd
     assert "--port=40002" in cmd and "--dashboard-port=40003" in cmd
+    # the jobs' CPUs plus one logical CPU for the served editor (serve/config.yaml holds 0.25 + 0.75)
+    assert f"--num-cpus={(s.ray_num_cpus or os.cpu_count()) + 1}" in cmd
+    assert "--num-cpus=5" in RAY.command(make_stack_settings(tmp_path, ray_num_cpus=2, serve_cpus=3))
     env = RAY.env(s)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert not {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS"} & set(env)

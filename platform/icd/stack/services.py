@@ -181,8 +181,7 @@ def _ray_command(s: StackSettings) -> list[str]:
         f"--object-store-memory={s.ray_object_store_mb * 1024 * 1024}",
         f"--temp-dir={s.ray_temp_dir}",
     ]
-    if s.ray_num_cpus:
-        args.append(f"--num-cpus={s.ray_num_cpus}")
+    args.append(f"--num-cpus={s.head_logical_cpus}")
     return args
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 import secrets
 import tempfile
 from pathlib import Path
@@ -44,7 +45,12 @@ class StackSettings(BaseSettings):
     ray_internal_port_base: int = Field(20000, ge=1024, le=65530)
     serve_port: int = Field(8000, ge=1024, le=65535)
 
-    ray_num_cpus: int | None = Field(None, ge=1, description="default: all cores")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for jobs; default: all cores")
+    # The head advertises this many logical CPUs more than ray_num_cpus: room for the served
+    # editor (serve/config.yaml's replicas hold 0.25 + 0.75), so `icd serve up` does not take
+    # the CPUs a training job schedules on. The replicas idle between requests; when both run,
+    # they share the cores as any two processes do.
+    serve_cpus: int = Field(1, ge=0, description="logical CPUs added for the Serve app")
     ray_object_store_mb: int = Field(1024, ge=75, description="caps Ray's shared-memory object store")
     health_timeout_s: float = Field(180.0, gt=0)
 
@@ -79,6 +85,10 @@ class StackSettings(BaseSettings):
     @property
     def ray_dashboard_url(self) -> str:
         return f"http://{self.host}:{self.ray_dashboard_port}"
+
+    @property
+    def head_logical_cpus(self) -> int:
+        return (self.ray_num_cpus or os.cpu_count() or 1) + self.serve_cpus
 
     @property
     def ray_gcs_address(self) -> str:
@@ -169,6 +179,6 @@ def new_env_file_text() -> str:
     ]
     for name in ("state_dir", "host", "bucket", "s3_port", "s3_internal_port_base", "mlflow_port",
                  "ray_port", "ray_dashboard_port", "ray_client_port", "ray_internal_port_base",
-                 "serve_port", "ray_object_store_mb"):
+                 "serve_port", "ray_object_store_mb", "serve_cpus"):
         lines.append(f"# ICD_{name.upper()}={defaults[name].default}")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from icd.config import Config
 from icd.storage import S3Settings, filesystem_for
 from icd.train import tracking
 from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
+from icd.train.resources import wait_for_resources
 from icd.train.stages import PREVIOUS, StagePaths, check_stage, make_manifest, read_stage_manifest, write_json
 
 PREVIEW_SAMPLES = 8
@@ -51,6 +52,7 @@ def run_stage(config: Config, stage: str, run: str | None = None, root: str | No
     if finished is not None:
         say(f"{stage}: already trained ({paths.output}); nothing to do")
         return {**finished, "reused": True}
+    wait_for_resources(stage, config.scaling, config.scaling.resources_timeout_s, say=say)
 
     input_manifest = None
     if PREVIOUS[stage]:
