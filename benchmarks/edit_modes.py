@@ -173,7 +173,9 @@ def log_to_mlflow(csv_path: Path, png_path: Path, manifest: dict, defaults: dict
         return
     import mlflow
 
-    mlflow.set_experiment("icd-benchmarks")
+    from icd.train.tracking import training_experiment
+
+    mlflow.set_experiment(experiment_id=training_experiment(mlflow.MlflowClient(), "icd-benchmarks"))
     with mlflow.start_run(run_name="edit_modes"):
         mlflow.log_params({"model": manifest["output"], "stage": manifest["stage"]})
         mlflow.log_artifact(str(csv_path))

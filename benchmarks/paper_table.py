@@ -102,6 +102,9 @@ def main() -> None:
     configs = {seed: variant_configs(args, seed) for seed in args.seeds}
     ray.init(address="local", num_cpus=2, object_store_memory=512 * 1024 * 1024, include_dashboard=False,
              log_to_driver=False)
+    from icd.train.progress import quiet_data_progress
+
+    quiet_data_progress()
     start = time.time()
     manifests = {}
     for seed in args.seeds:
@@ -170,7 +173,9 @@ def log_to_mlflow(config, tables: dict[int, dict], params: dict) -> None:
         return
     import mlflow
 
-    mlflow.set_experiment("icd-benchmarks")
+    from icd.train.tracking import training_experiment
+
+    mlflow.set_experiment(experiment_id=training_experiment(mlflow.MlflowClient(), "icd-benchmarks"))
     with mlflow.start_run(run_name="paper_table"):
         mlflow.log_params({**params, "seeds": ",".join(map(str, params["seeds"]))})
         lines = ["seed,row,mse,psnr,psnr_pooled,nfe"] + [

@@ -14,6 +14,7 @@ import json
 import sys
 
 from icd.config import load_config
+from icd.train.progress import quiet_data_progress
 from icd.pipeline.dag import STEPS, TrainingDAG, select_steps
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     from icd.pipeline.dag import PipelineError
 
     ray.init()
+    quiet_data_progress()  # the log shows the training's progress lines, not Ray Data's per-block bars
     try:
         summary = dag.execute(steps)
     except (PipelineError, StageRegression) as error:  # a message for people, not a traceback

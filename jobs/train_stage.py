@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 
 from icd.config import load_config
+from icd.train.progress import quiet_data_progress
 from icd.train.runner import run_stage
 from icd.train.stages import STAGES
 
@@ -43,6 +44,7 @@ def main() -> None:
         marker = Path(tempfile.gettempdir()) / f"icd-failure-drill-{args.stage}-{rank}-{step}-{uuid.uuid4().hex}"
         drill = {"rank": rank, "step": step, "marker": str(marker)}
     ray.init()
+    quiet_data_progress()  # the log shows the training's progress lines, not Ray Data's per-block bars
     try:
         manifest = run_stage(config, args.stage, run=args.run, max_failures=args.max_failures, failure_drill=drill)
     finally:

@@ -7,6 +7,8 @@ download possible) the backbone is random (``pnet_rand=True``); the metric is th
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +21,10 @@ class PatchLPIPS(torch.nn.Module):
         super().__init__()
         import lpips
 
-        self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+        with warnings.catch_warnings():  # lpips still calls torchvision's vgg16 with pretrained=; ours is no choice
+            warnings.filterwarnings("ignore", message="The parameter 'pretrained' is deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Arguments other than a weight enum", category=UserWarning)
+            self.lpips = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
         self.lpips.eval().requires_grad_(False)
         self.grid, self.patch = grid, patch
         self.name = "lpips_vgg" if pretrained_backbone else "lpips_randvgg"

@@ -7,7 +7,9 @@ neither can overwrite the other.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig
@@ -30,11 +32,21 @@ def lora_config(rank: int, alpha: float, targets: list[str], init: str = "defaul
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=LORA_INITS[init], target_modules=pattern)
 
 
+@contextlib.contextmanager
+def several_adapters_expected():
+    """PEFT warns on every adapter after the first ("Already found a `peft_config` attribute"):
+    two adapters on one UNet is this method's design, so that one warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
+
+
 def add_adapters(unet, rank: int, alpha: float, targets: list[str], names=ADAPTERS, init: str = "default") -> None:
     """Attach one fresh LoRA adapter per name; the base weights are frozen, adapters trainable."""
     unet.requires_grad_(False)
     for name in names:
-        unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=name)
+        with several_adapters_expected():
+            unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=name)
     for name, param in unet.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
@@ -59,4 +71,5 @@ def load_adapter(unet, name: str, directory: str | Path) -> None:
     weights = directory / "pytorch_lora_weights.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"no pytorch_lora_weights.safetensors in {directory}")
-    unet.load_lora_adapter(str(directory), adapter_name=name, prefix=None, use_safetensors=True)
+    with several_adapters_expected():
+        unet.load_lora_adapter(str(directory), adapter_name=name, prefix=None, use_safetensors=True)

@@ -221,11 +221,9 @@ class TrainingDAG:
         return {**manifest, "reused": True}
 
     def _parent_run(self, client) -> str:
-        from icd.train.tracking import TAG_CONFIG, TAG_RUN
+        from icd.train.tracking import TAG_CONFIG, TAG_RUN, training_experiment
 
-        experiment = client.get_experiment_by_name(self.config.tracking.experiment)
-        experiment_id = (experiment.experiment_id if experiment
-                         else client.create_experiment(self.config.tracking.experiment))
+        experiment_id = training_experiment(client, self.config.tracking.experiment)
         run = client.create_run(experiment_id, tags={TAG_RUN: self.run, TAG_CONFIG: self.config.hash(),
                                                      "icd.stage": "dag", "mlflow.runName": f"dag-{self.run}"})
         client.log_text(run.info.run_id, self.config.to_yaml(), "config.yaml")

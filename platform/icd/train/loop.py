@@ -26,6 +26,7 @@ from icd.diffusion.boundaries import Boundaries
 from icd.storage import S3Settings
 from icd.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
 from icd.train.optimization import build_optimizer
+from icd.train.progress import eta_s, progress_line
 from icd.train.stages import build_stage_model, export_stage
 
 NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids"]}
@@ -116,7 +117,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.log_metrics({"resumed_from_step": state.step}, state.step)
     shard = ray.train.get_dataset_shard("train")
     boundaries = Boundaries.from_config(config.method)
-    window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+    run_started = time.perf_counter()
+    window = {"start": run_started, "wait": 0.0, "steps": 0}
     timed = {"start": None, "steps": 0}  # whole-run throughput, from the end of the first step
 
     while state.step < stage_config.steps:
@@ -141,13 +143,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 timed["steps"] += 1
             _failure_drill(loop_config.get("failure_drill"), rank, state.step)
 
-            if logger and (state.step % stage_config.log_every == 0 or state.step == stage_config.steps):
-                elapsed = time.perf_counter() - window["start"]
-                logger.log_metrics({**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item(),
-                                    "lr": optimizer.param_groups[0]["lr"],
-                                    "samples_per_s": window["steps"] * batch_size * world / elapsed,
-                                    "data_wait_fraction": window["wait"] / elapsed, "epoch": state.epoch},
-                                   state.step)
+            if state.step % stage_config.log_every == 0 or state.step == stage_config.steps:
+                now = time.perf_counter()
+                elapsed = now - window["start"]
+                samples_per_s = window["steps"] * batch_size * world / elapsed
+                if rank == 0:  # the job log's line; the same numbers go to MLflow
+                    eta = eta_s(state.step, stage_config.steps, timed["steps"], now - timed["start"])
+                    print(progress_line(stage, state.step, stage_config.steps, out["loss"].item(), samples_per_s,
+                                        now - run_started, eta), flush=True)
+                if logger:
+                    logger.log_metrics({**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item(),
+                                        "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
+                                        "data_wait_fraction": window["wait"] / elapsed, "epoch": state.epoch},
+                                       state.step)
                 window.update(start=time.perf_counter(), wait=0.0, steps=0)
             if logger and loop_config.get("preview") and state.step % stage_config.images_every == 0:
                 _log_preview(logger, model, config, boundaries, loop_config["preview"], state.step)

@@ -1,7 +1,8 @@
 """Image grids a stage logs every K steps: generation, and for iCD stages reconstruction and edit.
 
 Rows of the grid: generation from the batch's captions; then (iCD stages) the inputs, their
-4-step reconstructions and an edit (shapes-world captions get one word swapped).
+4-step reconstructions and an edit (shapes-world captions get one word swapped). Each row is
+labelled, tiles are upscaled (nearest) to at least 128 px, and the prompts are listed below.
 """
 
 from __future__ import annotations
@@ -36,6 +37,37 @@ def to_uint8_grid(rows: list[torch.Tensor]) -> np.ndarray:
     return ((grid + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
+MIN_TILE = 128  # preview tiles are upscaled (nearest) to at least this many pixels a side
+LABEL_WIDTH = 120
+
+
+def labelled_grid(rows: list[torch.Tensor], labels: list[str], captions: list[str],
+                  targets: list[str] | None = None) -> np.ndarray:
+    """The grid of ``to_uint8_grid``, upscaled (nearest) so a tile is >= MIN_TILE px, with each row's
+    label on the left and, below, each column's prompt (and its edit's target prompt)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = to_uint8_grid(rows)
+    side = rows[0].shape[-1]
+    scale = max(1, -(-MIN_TILE // side))
+    tile = side * scale
+    big = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    font = ImageFont.load_default()
+    lines = [f"{i + 1}: {c}" + (f"  ->  {targets[i]}" if targets else "") for i, c in enumerate(captions)]
+    line_height = 14
+    canvas = Image.new("RGB", (LABEL_WIDTH + big.shape[1], big.shape[0] + 8 + line_height * (len(lines) + 1)),
+                       (255, 255, 255))
+    canvas.paste(Image.fromarray(big), (LABEL_WIDTH, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(labels):
+        draw.text((6, r * tile + tile // 2 - 6), label, fill=(0, 0, 0), font=font)
+    for c in range(len(captions)):
+        draw.text((LABEL_WIDTH + c * tile + 4, big.shape[0] + 2), str(c + 1), fill=(0, 0, 0), font=font)
+    for i, line in enumerate(lines):
+        draw.text((6, big.shape[0] + 6 + line_height * (i + 1)), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
 @torch.no_grad()
 def preview_grid(stage: str, bundle: ModelBundle, boundaries: Boundaries, latents: torch.Tensor,
                  captions: list[str], guidance: float, tau: float, seed: int = 0,
@@ -47,10 +79,12 @@ def preview_grid(stage: str, bundle: ModelBundle, boundaries: Boundaries, latent
         context = bundle.encode_prompts(captions)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         out = samplers.ddim_sample(bundle, noise, context, 8, guidance, adapter=guidance_adapter)
-        return to_uint8_grid([bundle.decode_latents(latents), bundle.decode_latents(out.latents)])
+        return labelled_grid([bundle.decode_latents(latents), bundle.decode_latents(out.latents)],
+                             ["input", f"DDIM-8, w={guidance:g}"], captions)
     generated = samplers.generate(bundle, captions, boundaries, guidance, tau, generator=generator)
     recon = samplers.reconstruct(bundle, captions, boundaries, latents=latents, generator=generator)
     targets = [edited_caption(c, i) for i, c in enumerate(captions)]
     edited = samplers.edit(bundle, captions, targets, boundaries, latents=latents, guidance=guidance, tau=tau,
                            generator=generator)
-    return to_uint8_grid([generated.images, bundle.decode_latents(latents), recon.images, edited.images])
+    return labelled_grid([generated.images, bundle.decode_latents(latents), recon.images, edited.images],
+                         ["generation", "input", "reconstruction", f"edit, w={guidance:g}"], captions, targets)

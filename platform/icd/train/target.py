@@ -15,6 +15,8 @@ import copy
 
 import torch
 
+from icd.models.adapters import several_adapters_expected
+
 
 def target_name(adapter: str) -> str:
     return f"{adapter}_target"
@@ -36,7 +38,8 @@ class EMATarget:
         # add_adapter makes the new adapter the active, trainable one: keep what trains as it was
         trainable = {name: p.requires_grad for name, p in unet.named_parameters()}
         for adapter, target in self.names.items():
-            unet.add_adapter(copy.deepcopy(unet.peft_config[adapter]), adapter_name=target)
+            with several_adapters_expected():
+                unet.add_adapter(copy.deepcopy(unet.peft_config[adapter]), adapter_name=target)
         params = dict(unet.named_parameters())
         self.pairs: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
         for name, param in params.items():

@@ -37,6 +37,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# MLflow 3's UI opens an experiment on its runs, not its GenAI traces view, when it has this tag.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def training_experiment(client, name: str) -> str:
+    """The id of experiment ``name`` (created if missing), marked as a model-training experiment."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag, or by mlflow.set_experiment
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
 def start_stage_run(config: Config, stage: str, identity: str, run: str, input_uri: str | None,
                     parent_run_id: str | None = None) -> str:
     """The MLflow run id of this stage: an unfinished run of the same identity is continued, else a new one."""
@@ -44,8 +58,7 @@ def start_stage_run(config: Config, stage: str, identity: str, run: str, input_u
     from mlflow.entities import Param, RunTag
 
     client = mlflow.MlflowClient(tracking_uri(config))
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+    experiment_id = training_experiment(client, config.tracking.experiment)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_IDENTITY}` = '{identity}' and "
                                f"tags.`{TAG_RUN}` = '{run}'", order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":
