@@ -43,6 +43,8 @@ def test_client_env_names_everything_a_client_needs(make_stack_settings, tmp_pat
     # ray.init() / `ray status` take the GCS address; the jobs CLI and Serve's CLI the dashboard's.
     assert env["RAY_ADDRESS"] == "127.0.0.1:40002"
     assert env["RAY_API_SERVER_ADDRESS"] == env["RAY_DASHBOARD_ADDRESS"] == "http://127.0.0.1:40003"
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # else a client dials the routable IP, not loopback
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in make_stack_settings(tmp_path, host="0.0.0.0").client_env()
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:40001"
     assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://127.0.0.1:40000"
     assert env["AWS_ACCESS_KEY_ID"] == s.s3_access_key.get_secret_value()

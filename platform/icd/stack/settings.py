@@ -148,7 +148,11 @@ class StackSettings(BaseSettings):
         RAY_DASHBOARD_ADDRESS. Each gets the address it understands.
         """
         access_key, secret_key = self.credentials()
+        # A loopback-only head: without this a client swaps 127.0.0.1 for the machine's routable IP
+        # (ray._private.services.resolve_ip_for_localhost), where nothing listens.
+        loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.loopback_only else {}
         return {
+            **loopback,
             "RAY_ADDRESS": self.ray_gcs_address,
             "RAY_API_SERVER_ADDRESS": self.ray_dashboard_url,
             "RAY_DASHBOARD_ADDRESS": self.ray_dashboard_url,
