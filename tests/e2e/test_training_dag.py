@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ TINY = [
 ]
 
 
-def submit_dag(env: dict, *extra: str, expect_failure: bool = False):
+def submit_dag(env: dict, *extra: str, expect_failure: bool = False, with_log: bool = False):
     command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
                "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
                *[arg for s in TINY for arg in ("--set", s)], *extra]
@@ -36,7 +37,8 @@ def submit_dag(env: dict, *extra: str, expect_failure: bool = False):
         assert done.returncode != 0, done.stdout[-3000:]
         return done.stdout + done.stderr
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-2000:]
-    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    summary = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    return (summary, done.stdout + done.stderr) if with_log else summary
 
 
 def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, tmp_path):
@@ -46,7 +48,12 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert made.returncode == 0, made.stderr[-2000:]
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
 
-    first = submit_dag(env)
+    first, log = submit_dag(env, with_log=True)
+    # The job log a person reads: a progress line per stage, no Ray Data bars, no known library warnings
+    for stage in ("cfg_distill", "icd", "cycle"):
+        assert re.search(rf"{stage}  step +\d+/\d+  loss \S+  \S+ samples/s  elapsed \S+  ETA", log), stage
+    for noise in ("Parquet dataset sampling", "Already found a `peft_config`", "The parameter 'pretrained' is deprecated"):
+        assert noise not in log, noise
     assert all(first["steps"][s]["action"] == "trained" for s in ("cfg_distill", "icd", "cycle"))
     assert set(first["evaluation"]["icd"]) == {"ddim50", "icd"} and set(first["evaluation"]["cycle"]) == {"cycle"}
     assert first["promoted"] is True
@@ -54,6 +61,7 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert champion.version == first["version"]
     assert float(champion.tags["metric.psnr"]) == first["evaluation"]["cycle"]["cycle"]["psnr"]
     experiment = client.get_experiment_by_name("icd-e2e").experiment_id
+    assert client.get_experiment(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
     assert {r.data.tags["icd.stage"] for r in children} == {"cfg_distill", "icd", "cycle", "evaluate_icd",
                                                             "evaluate_cycle", "register"}
