@@ -2,6 +2,7 @@
 
 import base64
 import io
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -75,3 +76,39 @@ def test_bad_rows_get_errors_that_name_the_row_and_field(icd_manifest):
     with pytest.raises(ValueError, match="row 1: image must be"):
         decode_image(3.5, 1)
     assert decode_image(encode_png(Image.new("RGB", (5, 7))), 0).size == (5, 7)
+
+
+def test_the_model_is_logged_from_code_with_no_pickle(icd_manifest, local_mlflow):
+    from mlflow.artifacts import download_artifacts
+
+    config, manifest = icd_manifest
+    with mlflow.start_run(experiment_id=local_mlflow):
+        info = log_edit_model(manifest, config, registered_model="icd-code")
+    local = Path(download_artifacts(info.model_uri))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    assert "model_code.py" in {Path(f).name for f in files}
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    assert loaded.metadata.metadata["format"] == "models-from-code"
+    out = loaded.predict(pd.DataFrame({"image": [png_bytes((20, 20))], "source_prompt": ["a red square on a black background"],
+                                       "target_prompt": ["a blue square on a black background"]}))
+    assert list(out["nfe"]) == [8]
+
+
+def test_a_version_logged_as_a_pickle_still_loads(icd_manifest, local_mlflow, tmp_path):
+    """What versions logged before models-from-code hold: python_model.pkl."""
+    import tempfile
+
+    import icd
+    from icd.registry.model import SIGNATURE, ICDEditModel, package_stage
+
+    config, manifest = icd_manifest
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(experiment_id=local_mlflow):
+        package_stage(manifest, config, Path(tmp))
+        info = mlflow.pyfunc.log_model(name="model", python_model=ICDEditModel(), artifacts={"icd_model": tmp},
+                                       code_paths=[str(Path(icd.__file__).parent)], signature=SIGNATURE,
+                                       pip_requirements=[], registered_model_name="icd-pickled")
+    loaded = mlflow.pyfunc.load_model(f"models:/icd-pickled/{info.registered_model_version}")
+    out = loaded.predict(pd.DataFrame({"image": [png_bytes((20, 20))], "source_prompt": ["a red square"],
+                                       "target_prompt": ["a blue square"]}))
+    assert list(out["nfe"]) == [8]

@@ -5,6 +5,9 @@ not the shipped toy one is needed as weights; the forward and reverse adapters; 
 with paths relative to it) and ``config.yaml``, the resolved config. The base VAE and text
 encoder are referenced (``toy``, a hub id or an s3:// URI), not copied.
 
+The model is logged as an MLflow "model from code" (``model_code.py``): no pickle is stored, so
+loading a version runs no unpickled code. Versions logged earlier (a ``python_model.pkl``) load too.
+
 ``predict`` takes a DataFrame with columns ``image`` (PNG/JPEG bytes or base64 of them),
 ``source_prompt``, ``target_prompt`` and optionally ``guidance``, ``tau``, ``mode``, ``seed``,
 and returns ``image`` (base64 PNG, the input's size), ``nfe`` and ``mode``.
@@ -26,6 +29,8 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 MODEL_DIR, CONFIG_FILE = "model", "config.yaml"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+MODEL_FORMAT = "models-from-code"  # versions logged before it hold a pickled ICDEditModel; both load
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image"), ColSpec("string", "source_prompt"), ColSpec("string", "target_prompt"),
                    ColSpec("double", "guidance", required=False), ColSpec("double", "tau", required=False),
@@ -123,12 +128,13 @@ def log_edit_model(manifest: dict, config, settings=None, registered_model: str 
     with tempfile.TemporaryDirectory(prefix="icd-package-") as tmp:
         package_stage(manifest, config, Path(tmp), settings)
         # An explicit signature and requirements: inferring them would load the model at log time.
+        # A model from code (model_code.py, which MLflow runs at load), not a pickled ICDEditModel.
         return mlflow.pyfunc.log_model(
-            name="model", python_model=ICDEditModel(), artifacts={"icd_model": tmp},
+            name="model", python_model=str(MODEL_CODE), artifacts={"icd_model": tmp},
             code_paths=[str(Path(icd.__file__).parent)], pip_requirements=requirements(),
             signature=SIGNATURE, registered_model_name=registered_model,
             metadata={"stage": manifest["stage"], "identity": manifest["identity"], "base": manifest["base"],
-                      **({"metrics": metrics} if metrics else {})})
+                      "format": MODEL_FORMAT, **({"metrics": metrics} if metrics else {})})
 
 
 def requirements() -> list[str]:
