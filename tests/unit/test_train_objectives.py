@@ -539,5 +539,12 @@ def test_cycle_runs_its_frozen_decoder_fused_with_the_same_loss_and_gradients():
         assert out_f[key].item() == pytest.approx(out_u[key].item(), rel=1e-4, abs=1e-7), key
     assert grads_f.keys() == grads_u.keys() and grads_u and all(f".{FORWARD}." in n for n in grads_u)
     scale = max(g.abs().max().item() for g in grads_u.values())
-    assert all((grads_f[n] - grads_u[n]).abs().max().item() <= 1e-3 * scale for n in grads_u)
+    # Through 13 UNet passes and LPIPS these gradients are ill-conditioned in fp32: the *same*
+    # unfused computation on 1 and on 2 threads differs by 3e-3 (relative norm), and fused weights
+    # (W + BA) round differently again (measured 2.4e-4 on 1 thread, 2.8e-3 on 2). A decoder
+    # without its adapter or with the wrong LoRA scale is off by O(1).
+    worst = max((grads_f[n] - grads_u[n]).abs().max().item() for n in grads_u)
+    difference = sum((grads_f[n] - grads_u[n]).pow(2).sum() for n in grads_u).sqrt()
+    norm = sum(grads_u[n].pow(2).sum() for n in grads_u).sqrt()
+    assert worst <= 1e-2 * scale and difference <= 1e-2 * norm, (worst, scale, (difference / norm).item())
     assert fused.decoder.unet is not bundle.unet and not any(p.requires_grad for p in fused.decoder.unet.parameters())
