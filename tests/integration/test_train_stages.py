@@ -20,15 +20,18 @@ from icd.storage import read_json, s3_filesystem
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUN = "test-train"
-STEPS = {"cfg_distill": 12, "icd": 12, "cycle": 6}
+# cfg_distill: 12 steps moved the guided error by nothing measurable (0.708 -> 0.710 at lr 3e-4;
+# 0.827 at lr 1e-3, which damages the full UNet); 40 steps at 3e-4 lower it.
+STEPS = {"cfg_distill": 40, "icd": 12, "cycle": 6}
 SETTINGS = [
     "data.dataset=test-train-shapes", "data.eval_dataset=null",
-    "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=1e-3",
+    "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=3e-4",
     "train.icd.global_batch_size=16", "train.icd.lr=1e-3", "train.icd.lr_scheduler=cosine",
     "train.cycle.global_batch_size=4",
     "method.target_ema_decay=0.95",  # the EMA target must survive the worker loss too
     *[f"train.{stage}.{key}={value}" for stage, steps in STEPS.items()
-      for key, value in (("steps", steps), ("checkpoint_every", 2), ("log_every", 1), ("images_every", steps))],
+      for key, value in (("steps", steps), ("checkpoint_every", 20 if stage == "cfg_distill" else 2),
+                         ("log_every", 1), ("images_every", steps))],
 ]
 
 
@@ -40,6 +43,28 @@ def submit(stage: str, env: dict, *extra: str) -> tuple[dict, str]:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     last = [line for line in done.stdout.splitlines() if line.startswith("{")][-1]
     return json.loads(last), done.stdout
+
+
+def guided_errors(manifest: dict) -> tuple[float, float]:
+    """guidance_eps_mse of the base UNet and of the cfg_distill output, on the same shapes probe."""
+    import numpy as np
+    import torch
+
+    from icd.config import load_config
+    from icd.data.shapes import EVAL_SEED_OFFSET, random_sample
+    from icd.evaluation.regression import guidance_eps_mse
+    from icd.models.loading import load_bundle
+    from icd.train.stages import load_stage_bundle
+
+    config = load_config(REPO / "jobs/configs/toy.yaml")
+    samples = [random_sample(EVAL_SEED_OFFSET + i) for i in range(32)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    base, student = load_bundle("toy"), load_stage_bundle(manifest)
+    with torch.no_grad():
+        latents = base.encode_images(images)
+        context, uncond = base.encode_prompts([s.caption for s in samples]), base.encode_prompts([""])
+        return tuple(guidance_eps_mse(bundle, base, latents, context, uncond, list(config.method.guidance_scales))
+                     for bundle in (base, student))
 
 
 def losses(client, run_id: str) -> list[float]:
@@ -58,8 +83,13 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
     distill, log = submit("cfg_distill", env)
     assert "Wrapping provided model in DistributedDataParallel" in log
     assert distill["steps"] == STEPS["cfg_distill"] and distill["unet"].endswith("/unet")
-    history = losses(client, distill["mlflow_run_id"])
-    assert len(history) == STEPS["cfg_distill"] and sum(history[-4:]) < sum(history[:4]), history
+    assert len(losses(client, distill["mlflow_run_id"])) == STEPS["cfg_distill"]
+    # It learned: on one fixed probe the output's one-pass guided ε is nearer the teacher's two-pass
+    # CFG than the base UNet's unguided pass. (Not the training loss's first steps against its last:
+    # each step draws other timesteps and batches, and the batch order follows how Ray Data's
+    # reads interleave, so that comparison passed or failed with the head's CPU count.)
+    before, after = guided_errors(distill)
+    assert after < before, (before, after)
 
     # icd, with worker 1 killed after step 5: the group restarts from the step-4 checkpoint
     icd, _ = submit("icd", env, "--failure-drill", "1:5")
