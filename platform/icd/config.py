@@ -231,6 +231,10 @@ class StageGate(_Section):
     metric: Literal["psnr", "caption_accuracy", "eps_mse"]
     max_regression: float = Field(0.0, ge=0, description="allowed loss against the stage's input (dB, fraction "
                                   "or MSE, in the metric's unit)")
+    # A fraction measured on a few dozen images moves by several images between two equally good
+    # models; a loss within this many standard errors of the paired difference is measurement noise.
+    noise_sigmas: float = Field(2.0, ge=0, description="for fractions (caption_accuracy): standard errors of the "
+                                "paired before/after difference also allowed")
 
     @model_validator(mode="after")
     def _metric_of_stage(self) -> "StageGate":

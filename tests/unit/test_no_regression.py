@@ -7,7 +7,8 @@ import torch
 from icd.config import ConfigError, load_config
 from icd.data.shapes import random_sample
 from icd.diffusion.boundaries import Boundaries
-from icd.evaluation.regression import check_gates, guidance_eps_mse, refusal, stage_quality
+from icd.evaluation.regression import (check_gates, fraction, guidance_eps_mse, paired_difference_se, refusal,
+                                       stage_quality)
 from icd.evaluation.stage_check import input_bundle
 from icd.models.bundle import REVERSE
 from icd.train.stages import export_untrained, load_stage_bundle
@@ -99,3 +100,36 @@ def test_real_photo_captions_are_measured_without_caption_accuracy(toy_stages):
     assert {g.metric for g in defaults} == {"eps_mse", "psnr"}
     with pytest.raises(KeyError, match="caption_accuracy needs shapes-world captions"):
         check_gates("icd", measured, measured, config.tracking.stage_gates)
+
+
+def test_paired_standard_error_matches_a_direct_computation():
+    before = [1] * 56 + [1] * 6 + [0] * 2  # 6 images lost, 2 gained
+    after = [1] * 56 + [0] * 6 + [1] * 2
+    d = np.array(after, float) - np.array(before, float)
+    assert paired_difference_se(before, after) == pytest.approx(d.std(ddof=1) / np.sqrt(len(d)))
+    assert paired_difference_se([1, 0, 1], [1, 0, 1]) == 0.0
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference_se([1, 0], [1])
+
+
+def test_a_fraction_gate_allows_measurement_noise_but_not_a_systematic_loss():
+    """cfg_distill's caption accuracy on 64 images: 4 of 64 images lost among 8 that changed is noise
+    (seen on a fresh machine: 0.906 -> 0.844 while eps_mse halved); 20 lost is a regression."""
+    gates = load_config("jobs/configs/toy.yaml").tracking.stage_gates
+
+    def measured(hits):
+        return {"eps_mse": 0.3, **fraction("caption_accuracy", hits)}
+
+    before = [1] * 58 + [0] * 6
+    noisy = [1] * 52 + [0] * 6 + [1] * 2 + [0] * 4  # 6 lost, 2 gained: -0.0625
+    [eps, caption] = check_gates("cfg_distill", measured(before), measured(noisy), gates)
+    assert caption.regression == pytest.approx(4 / 64) and caption.noise > 0.03 and caption.passed
+    assert "measurement noise" in caption.describe()
+    systematic = [1] * 38 + [0] * 26  # 20 lost
+    assert not check_gates("cfg_distill", measured(before), measured(systematic), gates)[1].passed
+    # without per-image outcomes (or with noise_sigmas 0) only max_regression is allowed
+    strict = load_config("jobs/configs/toy.yaml", ["tracking.stage_gates=[{stage: cfg_distill, metric: "
+                                                   "caption_accuracy, max_regression: 0.03, noise_sigmas: 0}]"])
+    assert not check_gates("cfg_distill", measured(before), measured(noisy), strict.tracking.stage_gates)[0].passed
+    plain = {k: v for k, v in measured(noisy).items() if k != "per_image"}
+    assert not check_gates("cfg_distill", measured(before), plain, gates)[1].passed

@@ -14,6 +14,8 @@ The measurements (`stage_quality`) run the samplers on a small held-out set; the
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,8 @@ from icd.models.bundle import ModelBundle
 METRICS = {"psnr": True, "caption_accuracy": True, "eps_mse": False}
 # DDIM steps of cfg_distill's generation probe (two passes per step for the teacher).
 GUIDANCE_PROBE_STEPS = 25
+# Where a measurement keeps the per-image 0/1 outcomes behind a fraction (caption_accuracy).
+PER_IMAGE = "per_image"
 
 
 class StageRegression(RuntimeError):
@@ -42,6 +46,12 @@ class GateResult:
     before: float
     after: float
     max_regression: float
+    noise: float = 0.0  # standard error of (after - before); 0 where per-image outcomes are not kept
+    noise_sigmas: float = 0.0
+
+    @property
+    def allowed(self) -> float:
+        return self.max_regression + self.noise_sigmas * self.noise
 
     @property
     def higher_is_better(self) -> bool:
@@ -54,13 +64,28 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
-        return self.regression <= self.max_regression + 1e-9
+        return self.regression <= self.allowed + 1e-9
 
     def describe(self) -> str:
         direction = "higher" if self.higher_is_better else "lower"
         verdict = "ok" if self.passed else "WORSE"
+        allowed = f"{self.max_regression:g}"
+        if self.noise and self.noise_sigmas:
+            allowed += f" + {self.noise_sigmas:g} x {self.noise:.3f} measurement noise"
         return (f"{self.stage}.{self.metric}: {self.after:.4g} after training against {self.before:.4g} before "
-                f"({direction} is better, allowed loss {self.max_regression:g}): {verdict}")
+                f"({direction} is better, allowed loss {allowed}): {verdict}")
+
+
+def paired_difference_se(before: Sequence[float], after: Sequence[float]) -> float:
+    """Standard error of mean(after) - mean(before) over paired outcomes: sqrt(var(a_i - b_i) / n), var with n - 1."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} outcomes before but {len(after)} after: expected the same images")
+    n = len(before)
+    if n < 2:
+        return 0.0
+    diffs = [float(a) - float(b) for a, b in zip(after, before)]
+    mean = sum(diffs) / n
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
 
 
 def check_gates(stage: str, before: dict[str, float], after: dict[str, float], gates) -> list[GateResult]:
@@ -72,8 +97,10 @@ def check_gates(stage: str, before: dict[str, float], after: dict[str, float], g
         if gate.metric not in before or gate.metric not in after:
             raise KeyError(f"tracking.stage_gates: {stage}.{gate.metric} was not measured (caption_accuracy "
                            f"needs shapes-world captions); {stage} measures {', '.join(STAGE_METRICS[stage])}")
+        outcomes = [side.get(PER_IMAGE, {}).get(gate.metric) for side in (before, after)]
+        noise = paired_difference_se(*outcomes) if all(o is not None for o in outcomes) else 0.0
         results.append(GateResult(stage, gate.metric, float(before[gate.metric]), float(after[gate.metric]),
-                                  gate.max_regression))
+                                  gate.max_regression, noise, gate.noise_sigmas))
     return results
 
 
@@ -123,7 +150,7 @@ def stage_quality(stage: str, bundle: ModelBundle, images: torch.Tensor, caption
     icd and cycle need ``boundaries``.
     """
     from icd.evaluation.reconstruction import consistency_reconstructor, reconstruction_metrics
-    from icd.evaluation.report import generation_metrics, is_shapes_world
+    from icd.evaluation.report import caption_hits, is_shapes_world
 
     shapes = is_shapes_world(captions)  # caption accuracy is read from shapes-world pixels only
 
@@ -137,13 +164,18 @@ def stage_quality(stage: str, bundle: ModelBundle, images: torch.Tensor, caption
                                    guidance_scales, seed)
         if not shapes:
             return {"eps_mse": eps_mse}
-        generation = generation_metrics(lambda prompts: samplers.ddim_generate(
+        hits = caption_hits(lambda prompts: samplers.ddim_generate(
             bundle, prompts, GUIDANCE_PROBE_STEPS, editing.guidance, generator=seeded()).images, captions)
-        return {"eps_mse": eps_mse, "caption_accuracy": generation["caption_accuracy"]}
+        return {"eps_mse": eps_mse, **fraction("caption_accuracy", hits)}
     recon = reconstruction_metrics(bundle, images, captions, consistency_reconstructor(boundaries, seed=seed))
     metrics = {"psnr": recon["psnr"]}
     if shapes and "caption_accuracy" in STAGE_METRICS[stage]:
-        metrics["caption_accuracy"] = generation_metrics(lambda prompts: samplers.generate(
-            bundle, prompts, boundaries, editing.guidance, editing.tau, generator=seeded()).images,
-            captions)["caption_accuracy"]
+        metrics.update(fraction("caption_accuracy", caption_hits(lambda prompts: samplers.generate(
+            bundle, prompts, boundaries, editing.guidance, editing.tau, generator=seeded()).images, captions)))
     return metrics
+
+
+def fraction(metric: str, outcomes: list[bool]) -> dict:
+    """{metric: mean, "per_image": {metric: [0/1, ...]}}: the value and what its noise is estimated from."""
+    return {metric: float(sum(outcomes) / len(outcomes)) if outcomes else float("nan"),
+            PER_IMAGE: {metric: [int(o) for o in outcomes]}}

@@ -51,6 +51,19 @@ def lpips_distance(lpips, bundle: ModelBundle, images: torch.Tensor, reconstruct
 def generation_metrics(generate, captions: list[str], batch: int = 64) -> dict[str, float]:
     """Fractions of generations (``generate(prompts) -> images``) whose shape colour (``caption_accuracy``)
     and shape (``shape_accuracy``, by the renderer-template judge) are the caption's."""
+    colors, shapes = generation_outcomes(generate, captions, batch)
+    if not colors:
+        return {"caption_accuracy": float("nan"), "shape_accuracy": float("nan")}
+    return {"caption_accuracy": float(np.mean(colors)), "shape_accuracy": float(np.mean(shapes))}
+
+
+def caption_hits(generate, captions: list[str], batch: int = 64) -> list[bool]:
+    """Per shapes-world caption (in order), whether the generation's shape has the caption's colour."""
+    return generation_outcomes(generate, captions, batch)[0]
+
+
+def generation_outcomes(generate, captions: list[str], batch: int = 64) -> tuple[list[bool], list[bool]]:
+    """Per parsable caption: (colour right, shape right) of its generation."""
     from icd.data.shapes import parse_caption
 
     parsed = [(c, parse_caption(c)) for c in captions]
@@ -62,9 +75,7 @@ def generation_metrics(generate, captions: list[str], batch: int = 64) -> dict[s
         for image, (_, (color, shape, background)) in zip(images, chunk):
             colors.append(shape_region_color(image, background) == color)
             shapes.append(read_shape(image, background) == shape)
-    if not colors:
-        return {"caption_accuracy": float("nan"), "shape_accuracy": float("nan")}
-    return {"caption_accuracy": float(np.mean(colors)), "shape_accuracy": float(np.mean(shapes))}
+    return [bool(c) for c in colors], [bool(s) for s in shapes]
 
 
 def caption_accuracy(generate, captions: list[str], batch: int = 64) -> float:

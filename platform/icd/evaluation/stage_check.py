@@ -20,7 +20,7 @@ from icd.evaluation.regression import GateResult, check_gates, stage_quality
 from icd.storage import S3Settings, filesystem_for, read_json
 
 RESULT = "no_regression.json"
-VERSION = 1  # bumped when a measurement changes definition
+VERSION = 2  # bumped when a measurement changes definition (2: per-image outcomes of fractions kept)
 CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -146,6 +146,8 @@ def log_measurement(config: Config, run_id: str, measured: dict) -> None:
     client = mlflow.MlflowClient(tracking_uri(config))
     for side in ("before", "after"):
         for metric, value in measured[side].items():
+            if not isinstance(value, (int, float)):  # the per-image outcomes stay in no_regression.json
+                continue
             client.log_metric(run_id, f"no_regression.{side}.{metric}", float(value))
     for step, value in measured["curve"].items():
         client.log_metric(run_id, "no_regression.psnr", float(value), step=int(step))
