@@ -93,3 +93,11 @@ def pytest_collection_modifyitems(items):
         tier = Path(str(item.fspath)).parent.name
         if tier in ("unit", "integration", "e2e"):
             item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def released_checkpoints(tmp_path_factory):
+    """The official iCD files for the three released boundary sets, at reduced width (tests/release_checkpoints.py)."""
+    from release_checkpoints import build_released_checkpoints
+
+    return build_released_checkpoints(tmp_path_factory.mktemp("released"))

@@ -126,6 +126,26 @@ def load_bundle(base: str, revision: str | None = None, dtype: torch.dtype = tor
     return bundle
 
 
+def base_unet_config(base: str, revision: str | None = None, cache_dir: Path | None = None) -> dict:
+    """The base model's ``unet/config.json`` (toy, directory, s3:// URI or hub id) without loading weights."""
+    if base == "toy":
+        folder = TOY_BASE_DIR
+    elif is_s3_uri(base):
+        folder = download_s3_model(base, cache_dir)
+    elif Path(base).expanduser().is_dir():
+        folder = Path(base).expanduser()
+    else:
+        try:
+            return dict(UNet2DConditionModel.load_config(base, subfolder="unet", revision=revision))
+        except (OSError, EnvironmentError) as exc:
+            raise ModelLoadError(f"cannot read model.base={base!r}'s unet config from the hub "
+                                 f"({str(exc).splitlines()[0]}); point it at a local directory or s3:// URI") from None
+    path = folder / "unet" / "config.json"
+    if not path.exists():
+        raise ModelLoadError(f"model.base={base!r} has no unet/config.json (expected diffusers layout)")
+    return json.loads(path.read_text())
+
+
 def save_bundle(bundle: ModelBundle, directory: str | Path) -> Path:
     """Write the base components in diffusers layout (safetensors), loadable by `load_bundle`."""
     from icd.models.toy import sd_scheduler
