@@ -29,6 +29,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image
 
 MODEL_DIR, CONFIG_FILE = "model", "config.yaml"
+ARTIFACT = "icd_model"  # the pyfunc artifact: artifacts/icd_model/{model/, config.yaml} in a version
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 MODEL_FORMAT = "models-from-code"  # versions logged before it hold a pickled ICDEditModel; both load
 SIGNATURE = ModelSignature(
@@ -89,7 +90,7 @@ class ICDEditModel(mlflow.pyfunc.PythonModel):
         from icd.config import load_config
         from icd.editing.pipeline import EditPipeline, inference_placement
 
-        root = Path(context.artifacts["icd_model"])
+        root = Path(context.artifacts[ARTIFACT])
         config = load_config(root / CONFIG_FILE)
         model_dir = root / MODEL_DIR
         manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -126,11 +127,13 @@ def log_edit_model(manifest: dict, config, settings=None, registered_model: str 
     import icd
 
     with tempfile.TemporaryDirectory(prefix="icd-package-") as tmp:
-        package_stage(manifest, config, Path(tmp), settings)
+        # MLflow keeps an artifact directory under its own name: artifacts/icd_model/ in every version
+        # (the plain-diffusers recipe in the README reads it there).
+        package = package_stage(manifest, config, Path(tmp) / ARTIFACT, settings)
         # An explicit signature and requirements: inferring them would load the model at log time.
         # A model from code (model_code.py, which MLflow runs at load), not a pickled ICDEditModel.
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE), artifacts={"icd_model": tmp},
+            name="model", python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(package)},
             code_paths=[str(Path(icd.__file__).parent)], pip_requirements=requirements(),
             signature=SIGNATURE, registered_model_name=registered_model,
             metadata={"stage": manifest["stage"], "identity": manifest["identity"], "base": manifest["base"],
