@@ -7,10 +7,13 @@ requests with different prompts, guidance scales and seeds share one UNet pass p
 old one and swaps them; requests in flight finish on the model they started with.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
 from ray import serve
+
+log = logging.getLogger("ray.serve")
 
 # Batch queue defaults; user_config max_batch_size / batch_wait_timeout_s change them per deployment.
 # No wait by default: under load the requests that arrive during a batch form the next one anyway,
@@ -56,6 +59,7 @@ def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
         import mlflow
 
         model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        note_format(name, version)
         return LoadedModel(model.unwrap_python_model().pipeline, name, version, model_uri)
     from icd.config import load_config
     from icd.editing.pipeline import EditPipeline, inference_placement
@@ -67,6 +71,19 @@ def load_model(model_uri: str, version: str | None = None) -> LoadedModel:
     pipeline = EditPipeline.from_manifest(manifest, config.editing, config.model.resolution, device=device,
                                           dtype=dtype, serving=config.serving)
     return LoadedModel(pipeline, manifest["stage"], manifest["identity"], model_uri)
+
+
+def note_format(name: str, version: str) -> None:
+    """Tag a pickled (pre models-from-code) version as such; serving goes on if the registry refuses the tag."""
+    import mlflow
+
+    from icd.registry.model import tag_pickled_version
+
+    try:
+        if tag_pickled_version(mlflow.MlflowClient(), name, version):
+            log.warning("serving %s version %s, logged as a pickle (see its icd.note tag)", name, version)
+    except Exception as exc:  # a read-only registry user, say: the note is not worth failing a deployment
+        log.warning("could not tag %s version %s with its format: %s", name, version, exc)
 
 
 @dataclass

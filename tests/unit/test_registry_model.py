@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from icd.config import load_config
-from icd.registry.model import decode_image, encode_png, log_edit_model
+from icd.registry.model import decode_image, encode_png, log_edit_model, tag_pickled_version
 from icd.train.stages import StagePaths, build_stage_model, export_stage, make_manifest
 
 
@@ -108,7 +108,19 @@ def test_a_version_logged_as_a_pickle_still_loads(icd_manifest, local_mlflow, tm
         info = mlflow.pyfunc.log_model(name="model", python_model=ICDEditModel(), artifacts={"icd_model": tmp},
                                        code_paths=[str(Path(icd.__file__).parent)], signature=SIGNATURE,
                                        pip_requirements=[], registered_model_name="icd-pickled")
-    loaded = mlflow.pyfunc.load_model(f"models:/icd-pickled/{info.registered_model_version}")
-    out = loaded.predict(pd.DataFrame({"image": [png_bytes((20, 20))], "source_prompt": ["a red square"],
-                                       "target_prompt": ["a blue square"]}))
-    assert list(out["nfe"]) == [8]
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    assert "icd.format" not in client.get_model_version("icd-pickled", version).tags
+    # Serve loads it (and notes in the registry what it is); it edits as before
+    from serve.editor import load_model
+
+    loaded = load_model(f"models:/icd-pickled/{version}")
+    tags = client.get_model_version("icd-pickled", version).tags
+    assert tags["icd.format"] == "pickled-python-model" and "unpickles python_model.pkl" in tags["icd.note"]
+    result = loaded.pipeline.edit([Image.new("RGB", (20, 20), (200, 0, 0))], ["a red square"], ["a blue square"])
+    assert result.nfe == 8
+    # a model from code is not tagged
+    with mlflow.start_run(experiment_id=local_mlflow):
+        fresh = log_edit_model(manifest, config, registered_model="icd-pickled")
+    assert not tag_pickled_version(client, "icd-pickled", str(fresh.registered_model_version))
+    assert "icd.format" not in client.get_model_version("icd-pickled", str(fresh.registered_model_version)).tags

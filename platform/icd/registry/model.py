@@ -140,6 +140,42 @@ def log_edit_model(manifest: dict, config, settings=None, registered_model: str 
                       "format": MODEL_FORMAT, **({"metrics": metrics} if metrics else {})})
 
 
+FORMAT_TAG, NOTE_TAG = "icd.format", "icd.note"
+PICKLED = "pickled-python-model"
+PICKLED_NOTE = ("logged before models from code: loading it unpickles python_model.pkl, which runs code from the "
+                "pickle and needs the Python and cloudpickle it was written with; it still loads. Register the "
+                "model again (jobs/train_icd.py reuses every stage) to drop the pickle")
+
+
+def tag_pickled_version(client, name: str, version: str) -> bool:
+    """Tag a version logged as a pickled PythonModel (``icd.format``, ``icd.note``); True if it is one.
+
+    Called where a version is put to use (Serve loading it, promotion), so old versions in a
+    registry say what they are without anyone re-registering them first.
+    """
+    metadata = _version_metadata(client, name, version)
+    if metadata is None or metadata.get("format") == MODEL_FORMAT:
+        return False  # a model from code, or no MLmodel to read (nothing to say about it)
+    if client.get_model_version(name, str(version)).tags.get(FORMAT_TAG) != PICKLED:
+        client.set_model_version_tag(name, str(version), FORMAT_TAG, PICKLED)
+        client.set_model_version_tag(name, str(version), NOTE_TAG, PICKLED_NOTE)
+    return True
+
+
+def _version_metadata(client, name: str, version: str) -> dict | None:
+    """The ``metadata`` of a version's MLmodel file (read through ``client``'s registry), or None if unreadable."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    try:
+        location = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel",
+                                                    tracking_uri=client._tracking_client.tracking_uri)
+    except Exception:  # no artifacts behind the version (or no access to them)
+        return None
+    return Model.load(local).metadata or {}
+
+
 def requirements() -> list[str]:
     """The pinned runtime packages the model needs (its own code ships in code_paths)."""
     from importlib.metadata import version

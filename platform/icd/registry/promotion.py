@@ -60,6 +60,9 @@ def promote(client, name: str, version: str, gates) -> Decision:
     """Move ``champion`` to ``version`` if it passes the gates against the current champion, else ``challenger``."""
     from mlflow.exceptions import MlflowException
 
+    from icd.registry.model import tag_pickled_version
+
+    tag_pickled_version(client, name, version)
     candidate = client.get_model_version(name, version)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
