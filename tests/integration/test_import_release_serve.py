@@ -1,0 +1,65 @@
+"""An imported release, registered in the stack's MLflow, served by the Serve app as any trained version."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import pytest
+import requests
+from PIL import Image
+
+from icd.config import load_config
+from icd.registry.release_import import prepare_release, register_release
+
+NAME = "icd-release-serve"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def registered(stack, released_checkpoints, tmp_path_factory):
+    """Versions 1 (4 steps, [259, 519, 779, 999]) and 2 (3 steps) of one registered model."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
+    files = released_checkpoints
+    config = load_config("jobs/configs/toy.yaml")
+    versions = {}
+    for steps in ("4steps_1", "3steps"):
+        release = prepare_release(str(files.teacher), str(files.reverse(steps)), str(files.forward(steps)),
+                                  str(files.base), tmp_path_factory.mktemp(steps))
+        versions[steps] = register_release(release, config, NAME)["version"]
+    yield versions
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_an_imported_release_is_served_like_a_trained_model(registered, stack, local_ray):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = stack.serve_port + 110
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    body = {"image": png_b64(), "source_prompt": "a red circle on a blue background",
+            "target_prompt": "a green circle on a blue background"}
+    try:
+        for steps, nfe in (("4steps_1", 8), ("3steps", 6)):  # 4 + 4 and 3 + 3 UNet passes
+            serve.run(build_app({"model_uri": f"models:/{NAME}/{registered[steps]}"}), name="icd-release",
+                      route_prefix="/")
+            info = requests.get(f"{url}/v1/models", timeout=60).json()
+            assert info["loaded"] and info["steps"] == nfe // 2, info
+            response = requests.post(f"{url}/v1/edit", json=body, timeout=300)
+            assert response.status_code == 200, response.text
+            out = response.json()
+            assert out["nfe"] == nfe and out["model_version"] == str(registered[steps])
+            assert Image.open(io.BytesIO(base64.b64decode(out["image"]))).size == (40, 24)
+    finally:
+        serve.shutdown()
