@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 
+import mlflow
 import pytest
 import requests
 from PIL import Image
@@ -31,10 +33,21 @@ def registered(stack, released_checkpoints, tmp_path_factory):
     files = released_checkpoints
     config = load_config("jobs/configs/toy.yaml")
     versions = {}
-    for steps in ("4steps_1", "3steps"):
-        release = prepare_release(str(files.teacher), str(files.reverse(steps)), str(files.forward(steps)),
-                                  str(files.base), tmp_path_factory.mktemp(steps))
+    # the 4-step set from local paths, the 3-step set from object storage (s3:// URIs)
+    from icd.storage import s3_client
+
+    client, bucket = s3_client(), stack.bucket
+    sources = {"4steps_1": [str(files.teacher), str(files.reverse()), str(files.forward())], "3steps": []}
+    for path in (files.teacher, files.reverse("3steps"), files.forward("3steps")):
+        client.upload_file(str(path), bucket, f"releases/{path.name}")
+        sources["3steps"].append(f"s3://{bucket}/releases/{path.name}")
+    for steps, (teacher, reverse, forward) in sources.items():
+        release = prepare_release(teacher, reverse, forward, str(files.base), tmp_path_factory.mktemp(steps),
+                                  cache_dir=tmp_path_factory.mktemp("cache"))
         versions[steps] = register_release(release, config, NAME)["version"]
+    tags = mlflow.MlflowClient().get_model_version(NAME, str(versions["3steps"])).tags
+    assert tags["icd.source.reverse"] == sources["3steps"][1]
+    assert tags["icd.source.reverse.sha256"] == hashlib.sha256(files.reverse("3steps").read_bytes()).hexdigest()
     yield versions
     os.environ.clear()
     os.environ.update(saved)

@@ -94,6 +94,24 @@ def test_the_three_step_set_and_an_explicit_start(released_checkpoints, tmp_path
     release = prepare_release(str(files.teacher), str(files.reverse("3steps")), str(files.forward("3steps")),
                               str(files.base), tmp_path / "a", start_timestep=0)
     assert release.manifest["boundaries"] == {"reverse": [999, 699, 339], "forward": [0, 339, 699]}
+    # Inverse-and-Edit: a forward file without boundaries in its name, started at t = 0, mirrored from the reverse
+    import shutil
+
+    shutil.copy(files.forward(), tmp_path / "finetuned_forward_model.safetensors")
+    cycle = prepare_release(str(files.teacher), str(files.reverse()), str(tmp_path / "finetuned_forward_model.safetensors"),
+                            str(files.base), tmp_path / "b", start_timestep=0)
+    assert cycle.manifest["boundaries"] == {"reverse": [999, 779, 519, 259], "forward": [0, 259, 519, 779]}
+    assert cycle.start_timestep == 0
+
+
+def test_a_hub_file_id_without_hub_access_says_what_to_give_instead(monkeypatch, tmp_path):
+    from icd.registry.release_import import fetch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ReleaseError, match="--forward ilushado/Cycle-consistency/finetuned_forward_model.safetensors: "
+                                           "cannot download it from the Hugging Face hub .*local path or an s3:// URI"):
+        fetch("ilushado/Cycle-consistency/finetuned_forward_model.safetensors", "--forward", tmp_path)
 
 
 def refused(files, tmp_path, match, **changes):
