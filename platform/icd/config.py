@@ -194,6 +194,9 @@ class ScalingConfig(_Section):
     use_gpu: bool = True
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
+    # Custom Ray resources each worker also needs, e.g. {icd_worker_node: 1}: one worker per node that
+    # advertises one (icd.stack.nodes), or workers only on a labelled node pool.
+    custom_resources_per_worker: dict[str, float] = Field(default_factory=dict)
     # How long a stage waits for its workers' resources to be free before it fails naming who
     # holds them (icd.train.resources); 0 skips the check. Long on clusters that add nodes.
     resources_timeout_s: float = Field(600.0, ge=0)

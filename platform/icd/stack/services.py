@@ -132,6 +132,10 @@ def _mlflow_command(s: StackSettings) -> list[str]:
         "--serve-artifacts",
         "--host", s.host, "--port", str(s.mlflow_port),
         "--workers", "1",
+        # MLflow answers only Host headers of localhost and private IPs by default (DNS-rebinding
+        # guard); a stack on another address (a multi-node cluster's) names its own.
+        *([] if s.loopback_only else ["--allowed-hosts", ",".join(
+            f"{name}{port}" for name in (s.host, "localhost", "127.0.0.1") for port in ("", f":{s.mlflow_port}"))]),
     ]
 
 

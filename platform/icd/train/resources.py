@@ -27,6 +27,8 @@ def stage_demand(scaling) -> dict[str, float]:
     demand = {"CPU": round(cpus, 4)}
     if scaling.use_gpu:
         demand["GPU"] = round(scaling.num_workers * scaling.gpus_per_worker, 4)
+    for name, amount in scaling.custom_resources_per_worker.items():
+        demand[name] = round(scaling.num_workers * amount, 4)
     return demand
 
 

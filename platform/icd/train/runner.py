@@ -83,7 +83,8 @@ def run_stage(config: Config, stage: str, run: str | None = None, root: str | No
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker,
-                                  **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}),
+                                  **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+                                  **scaling.custom_resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=paths.trainer_name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=getattr(config.train, stage).keep_checkpoints),
