@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logger = None
     if rank == 0 and loop_config.get("mlflow"):
-        from icd.train.tracking import MetricsLogger
+        from icd.train.metrics_logger import MetricsLogger
 
         logger = MetricsLogger(**loop_config["mlflow"])
         if state.resumed_from:
@@ -169,6 +169,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state.step < stage_config.steps:
             state.epoch += 1
 
+    if logger:  # the last metrics reach MLflow before the driver closes the run (bounded if it is down)
+        logger.close(timeout_s=120)
     if rank == 0:
         export_stage(model, loop_config["output_uri"], settings)
 

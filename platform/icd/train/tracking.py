@@ -1,4 +1,4 @@
-"""MLflow for the training stages: the driver owns the run, rank 0 logs into it.
+"""MLflow for the training stages: the driver owns the run, rank 0 logs into it (`metrics_logger`).
 
 The driver creates (or, after a crash, finds again) one run per stage, tagged with the
 stage, its identity and its input, and logs the resolved config. Train workers never start
@@ -9,9 +9,7 @@ keeps writing to the same run.
 from __future__ import annotations
 
 import os
-import time
 
-import numpy as np
 
 from icd.config import Config
 
@@ -86,24 +84,6 @@ def finish_stage_run(config: Config, run_id: str, manifest: dict, status: str = 
     client = mlflow.MlflowClient(tracking_uri(config))
     client.log_text(run_id, json.dumps(manifest, indent=1), "manifest.json")
     client.set_terminated(run_id, status=status)
-
-
-class MetricsLogger:
-    """Rank 0's handle on the stage's run: batched metrics and image grids."""
-
-    def __init__(self, uri: str, run_id: str):
-        import mlflow
-
-        self.client, self.run_id = mlflow.MlflowClient(uri), run_id
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self.client.log_image(self.run_id, image, key=key, step=step)
 
 
 def mark_failed(config: Config, run_id: str) -> None:
