@@ -17,6 +17,7 @@ from icd.storage import S3Settings, filesystem_for
 from icd.train import tracking
 from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
 from icd.train.resources import wait_for_resources
+from icd.train.stage_lock import stage_lock
 from icd.train.stages import PREVIOUS, StagePaths, check_stage, make_manifest, read_stage_manifest, write_json
 
 PREVIEW_SAMPLES = 8
@@ -52,6 +53,17 @@ def run_stage(config: Config, stage: str, run: str | None = None, root: str | No
     if finished is not None:
         say(f"{stage}: already trained ({paths.output}); nothing to do")
         return {**finished, "reused": True}
+    # Two identical submissions at once: one trains, the other waits here and then reuses its output.
+    with stage_lock(paths.output, say=say) as waited:
+        finished = read_stage_manifest(paths.manifest, settings) if waited else None
+        if finished is not None:
+            say(f"{stage}: trained meanwhile by another job ({paths.output}); reusing it")
+            return {**finished, "reused": True}
+        return _train(config, stage, paths, root, settings, parent_run_id, max_failures, failure_drill, say)
+
+
+def _train(config: Config, stage: str, paths: StagePaths, root: str | None, settings: S3Settings,
+           parent_run_id: str | None, max_failures: int, failure_drill: dict | None, say) -> dict:
     wait_for_resources(stage, config.scaling, config.scaling.resources_timeout_s, say=say)
 
     input_manifest = None
