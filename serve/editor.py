@@ -125,8 +125,15 @@ class Editor:
         if not uri:
             return
         pinned = user_config.get("model_version")
-        if self.model is None or resolve(uri, pinned) != (self.model.name, self.model.version):
-            self.model = load_model(uri, pinned)
+        wanted = resolve(uri, pinned)
+        if self.model is None or wanted != (self.model.name, self.model.version):
+            try:
+                loaded = load_model(uri, pinned)
+            except Exception as exc:  # a broken version: refuse the swap, keep serving the old model
+                serving = f"; still serving {self.model.name} version {self.model.version}" if self.model else ""
+                raise RuntimeError(f"cannot serve {uri} = {wanted[0]} version {wanted[1]}: "
+                                   f"{type(exc).__name__}: {exc}{serving}") from exc
+            self.model = loaded
 
     def _set_batching(self, user_config: dict) -> None:
         """``user_config.max_batch_size`` / ``batch_wait_timeout_s``: the knobs of every batch queue."""
