@@ -71,6 +71,24 @@ def first_picture(images, size: tuple[int, int]):
     return to_pictures(images, [size])[0]
 
 
+REPLICA_RETRIES, RETRY_BACKOFF_S = 3, 0.5  # ~0.5 + 1 + 2 s: long enough for Serve to route to a live replica
+
+
+async def call_with_retries(call, what: str, retries: int = REPLICA_RETRIES, backoff_s: float = RETRY_BACKOFF_S):
+    """Await ``call()``; when the replica serving it died, call again after 0.5, 1, 2 s (``retries`` times at most)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    for attempt in range(retries + 1):
+        try:
+            return await call()
+        except (ActorDiedError, ActorUnavailableError) as exc:
+            if attempt == retries:
+                raise ApiError(503, "server", f"the model replica failed {retries + 1} times during {what}; "
+                               "retry shortly", {"Retry-After": "2"}) from None
+            log.warning("%s: replica lost (%s); retrying (%d of %d)", what, type(exc).__name__, attempt + 1, retries)
+            await asyncio.sleep(backoff_s * 2 ** attempt)
+
+
 @serve.deployment(max_ongoing_requests=32, max_queued_requests=64, backpressure_config={"retry_after_s": 1},
                   ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
@@ -92,7 +110,9 @@ class Gateway:
 
     async def _call(self, method: str, *args):
         try:
-            return await getattr(self.editor, method).remote(*args)
+            # Every Editor call is idempotent (a pure function of its inputs and seed), so one that
+            # a dying replica dropped is sent again, to the replica Serve starts in its place.
+            return await call_with_retries(lambda: getattr(self.editor, method).remote(*args), method)
         except BackPressureError:
             raise ApiError(503, "server", "busy: the request queue is full, retry shortly", {"Retry-After": "1"}) from None
 
