@@ -292,3 +292,23 @@ def test_max_batch_size_is_a_user_config_knob(served):
 
 def _manifest(served) -> str:
     return requests.get(f"{served}/v1/models", timeout=30).json()["source"]
+
+
+def test_edits_in_flight_survive_the_editor_replica_being_killed(served):
+    """Kill the Editor replica under load: Serve starts another, the Gateway resends the lost calls."""
+    import time
+
+    import ray
+
+    bodies = [{"image": png_b64((32, 32), (20 * i, 40, 40)), "source_prompt": SOURCE, "target_prompt": TARGET}
+              for i in range(12)]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Editor" in a["name"]]
+    assert len(replicas) == 1, replicas
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(requests.post, f"{served}/v1/edit", json=b, timeout=300) for b in bodies]
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * len(bodies), [r.text[:200] for r in results if r.status_code != 200]
+    after = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Editor" in a["name"]]
+    assert after and after != replicas  # a new replica serves now
