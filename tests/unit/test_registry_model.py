@@ -2,6 +2,7 @@
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,10 @@ def local_mlflow(tmp_path, monkeypatch):
     experiment = mlflow.create_experiment("registry-test", artifact_location=str(tmp_path / "artifacts"))
     yield experiment
     mlflow.set_tracking_uri(None)
+    # set_registry_uri also exports MLFLOW_REGISTRY_URI, which set_registry_uri(None) leaves behind:
+    # later tests (and their subprocesses) would register into this test's database
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    mlflow.set_registry_uri(None)
 
 
 def png_bytes(size, color=(220, 40, 40)):

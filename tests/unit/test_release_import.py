@@ -162,7 +162,7 @@ def test_refusals_name_the_file_and_the_problem(released_checkpoints, tmp_path):
 
 
 def run_job(args, tracking_uri):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "jobs/import_release.py", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -170,7 +170,7 @@ def run_job(args, tracking_uri):
 def test_the_job_registers_a_version_with_sources_and_nothing_on_refusal(released_checkpoints, tmp_path):
     files = released_checkpoints
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_experiment("icd-imports", artifact_location=str(tmp_path / "artifacts"))
     common = ["--base", str(files.base), "--config", "jobs/configs/toy.yaml", "--name", "icd-release"]
     bad = run_job(["--teacher", str(files.teacher), "--reverse", str(files.reverse()),
