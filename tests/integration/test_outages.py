@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from icd.stack.lifecycle import _stop, up
-from icd.stack.services import MLFLOW, S3
+from icd.stack.lifecycle import stop_services, up
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -54,7 +53,7 @@ def test_a_stage_survives_30_s_without_object_storage_and_tracking(stack_env):
     lines: list[str] = []
     assert wait_for_step(job, "icd", 2, lines), "".join(lines)[-3000:]
     assert job.poll() is None  # the outage starts while the stage trains
-    _stop([S3, MLFLOW], stack_env)
+    stop_services(stack_env, ["s3", "mlflow"])
     time.sleep(OUTAGE_S)
     up(stack_env, say=lambda msg: None)
     rest, _ = job.communicate(timeout=900)

@@ -122,6 +122,15 @@ def _stop(services: list[Service], settings: StackSettings) -> list[str]:
     return stopped
 
 
+def stop_services(settings: StackSettings, names: list[str]) -> list[str]:
+    """Stop some of the stack's services (``s3``, ``mlflow``, ``ray``) by their records; ``up`` starts them again."""
+    by_name = {service.name: service for service in SERVICES}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise StackError(f"unknown service(s) {unknown}; expected some of {sorted(by_name)}")
+    return _stop([service for service in SERVICES if service.name in names], settings)
+
+
 def down(settings: StackSettings, say: Callable[[str], None] = print) -> list[str]:
     """Stop the processes this stack started (by recorded PID and their children); keep the data."""
     stopped = _stop(list(SERVICES), settings)
