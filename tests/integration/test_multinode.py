@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +79,8 @@ def test_two_workers_run_one_per_node_from_and_to_s3_and_a_killed_node_leaves(cl
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         manifest = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+        # each node has its own session dir, so a worker's output reaches the job log once, not once per node
+        assert len(re.findall(r"cfg_distill  step +4/4", done.stdout)) == 1, done.stdout[-4000:]
         # one train worker on each worker node (and none on the head)
         workers = [a for a in state(stack_env, "actors") if a["class_name"] == "RayTrainWorker"
                    and a["node_id"] in ids.values()]
@@ -103,3 +106,30 @@ def test_two_workers_run_one_per_node_from_and_to_s3_and_a_killed_node_leaves(cl
         assert alive_node_resources(stack_env) == {node_resource(1)}
         assert nodes[1].alive()
     assert not nodes[1].alive()  # the fixture stops what it started
+
+
+def test_nodes_whose_starter_was_killed_are_found_and_stopped(cluster_stack):
+    """A benchmark killed with SIGKILL leaves its worker nodes running; `down` stops them by their tag."""
+    from icd.stack.nodes import stop_leftover_nodes
+
+    values = {**cluster_stack.model_dump(mode="json"),
+              **{k: getattr(cluster_stack, k).get_secret_value() for k in ("s3_access_key", "s3_secret_key")}}
+    starter = subprocess.Popen([sys.executable, "-c", f"""
+import json, time
+from icd.stack import StackSettings
+from icd.stack.nodes import start_node
+settings = StackSettings(_env_file=None, **json.loads({json.dumps(values)!r}))
+start_node(settings, 1)
+print("started", flush=True)
+time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True)
+    assert starter.stdout.readline().strip() == "started"
+    starter.kill()
+    starter.wait()
+    assert alive_node_resources(cluster_stack) == {node_resource(1)}  # the node outlived its starter
+    assert stop_leftover_nodes(cluster_stack) == [1]
+    deadline = time.monotonic() + 120
+    while alive_node_resources(cluster_stack) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert alive_node_resources(cluster_stack) == set()
+    assert stop_leftover_nodes(cluster_stack) == []

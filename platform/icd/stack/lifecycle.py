@@ -133,10 +133,15 @@ def stop_services(settings: StackSettings, names: list[str]) -> list[str]:
 
 def down(settings: StackSettings, say: Callable[[str], None] = print) -> list[str]:
     """Stop the processes this stack started (by recorded PID and their children); keep the data."""
+    from icd.stack.nodes import stop_leftover_nodes
+
+    nodes = stop_leftover_nodes(settings)  # before the head they would try to reconnect to
+    for index in nodes:
+        say(f"worker node {index}: stopped")
     stopped = _stop(list(SERVICES), settings)
     for name in stopped:
         say(f"{name}: stopped")
-    if not stopped:
+    if not stopped and not nodes:
         say("nothing was running")
     return stopped
 

@@ -59,6 +59,15 @@ def node_ports(settings: StackSettings, index: int) -> dict[str, int]:
     return {name: base + i for i, name in enumerate(NODE_PORT_NAMES)}
 
 
+def node_temp_dir(settings: StackSettings, index: int):
+    """Worker node ``index``'s own Ray temp dir (session, logs, sockets).
+
+    Nodes on one machine would otherwise share the head's session directory, and every node's log
+    monitor would forward every worker's output: each line of a job's log printed once per node.
+    """
+    return settings.ray_temp_dir.with_name(f"{settings.ray_temp_dir.name}-n{index}")
+
+
 def _node_command(settings: StackSettings, index: int, num_cpus: float, object_store_mb: int) -> list[str]:
     from icd.stack.services import find_binary
 
@@ -66,7 +75,7 @@ def _node_command(settings: StackSettings, index: int, num_cpus: float, object_s
     resources = {node_resource(index): 1, WORKER_RESOURCE: 1}
     return [ray, "start", f"--address={settings.host}:{settings.ray_port}", "--block", "--disable-usage-stats",
             f"--node-ip-address={settings.host}", f"--num-cpus={num_cpus:g}", f"--resources={json.dumps(resources)}",
-            f"--object-store-memory={object_store_mb * 1024 * 1024}",
+            f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={node_temp_dir(settings, index)}",
             *(f"--{name}={port}" for name, port in node_ports(settings, index).items())]
 
 
@@ -134,6 +143,28 @@ def kill_node(node: WorkerNode) -> None:
         with contextlib.suppress(Exception):
             proc.kill()
     terminate(processes, grace_s=5)  # reaps them; anything that survived SIGKILL is reported by psutil
+
+
+def stop_leftover_nodes(settings: StackSettings, grace_s: float = 10) -> list[int]:
+    """Stop worker nodes of this stack that outlived whoever started them (a killed test or benchmark).
+
+    They carry ``ICD_STACK_ID=<stack id>/node-<i>`` in their environment, so they are found without
+    a record and nothing of another stack or of the head is touched. Returns their indices.
+    """
+    import psutil
+
+    from icd.stack.processes import STACK_ID_VAR
+
+    prefix, found = f"{settings.stack_id}/node-", {}
+    for proc in psutil.process_iter():
+        try:
+            tag = proc.environ().get(STACK_ID_VAR, "")
+        except psutil.Error:
+            continue
+        if tag.startswith(prefix):
+            found.setdefault(int(tag[len(prefix):]), []).append(proc)
+    terminate([proc for procs in found.values() for proc in procs], grace_s=grace_s)
+    return sorted(found)
 
 
 @contextlib.contextmanager

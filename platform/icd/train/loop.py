@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,8 +150,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 samples_per_s = window["steps"] * batch_size * world / elapsed
                 if rank == 0:  # the job log's line; the same numbers go to MLflow
                     eta = eta_s(state.step, stage_config.steps, timed["steps"], now - timed["start"])
-                    print(progress_line(stage, state.step, stage_config.steps, out["loss"].item(), samples_per_s,
-                                        now - run_started, eta), flush=True)
+                    # Written, not printed: Ray Train patches print() in its workers to log the message
+                    # and also echo it, so each printed line reached the job log twice.
+                    sys.stdout.write(progress_line(stage, state.step, stage_config.steps, out["loss"].item(),
+                                                   samples_per_s, now - run_started, eta) + "\n")
+                    sys.stdout.flush()
                 if logger:
                     logger.log_metrics({**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item(),
                                         "lr": optimizer.param_groups[0]["lr"], "samples_per_s": samples_per_s,
