@@ -101,3 +101,19 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert any("worse than the champion" in reason for reason in worse["promotion"]), worse["promotion"]
     assert client.get_model_version_by_alias("icd-toy", "champion").version == first["version"]
     assert client.get_model_version_by_alias("icd-toy", "challenger").version == worse["version"]
+
+    # two registrations of the same model at once (a new registered model, so nothing exists yet): one
+    # registers, the other waits for the lock and reuses that version
+    twin = ("--set", "tracking.registered_model=icd-toy-twin", "--stages", "evaluate_cycle,register")
+    commands = [[str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
+                 "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
+                 *[arg for s in TINY for arg in ("--set", s)], *twin] for _ in range(2)]
+    jobs = [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for c in commands]
+    logs = [job.communicate(timeout=900)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], [log[-3000:] for log in logs]
+    twins = [json.loads([line for line in log.splitlines() if line.startswith("{")][-1]) for log in logs]
+    assert sorted(t["steps"]["register"]["action"] for t in twins) == ["registered", "reused"], twins
+    assert twins[0]["version"] == twins[1]["version"] == "1"
+    assert len(client.search_model_versions("name = 'icd-toy-twin'")) == 1
+    assert any("being evaluated and registered by another job" in log for log in logs)

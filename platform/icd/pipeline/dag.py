@@ -116,6 +116,7 @@ class TrainingDAG:
 
         from icd.data.latent_cache import ensure_latent_cache
         from icd.train.runner import run_stage
+        from icd.train.stage_lock import stage_lock
         from icd.train.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(self.config))
@@ -161,21 +162,25 @@ class TrainingDAG:
                 evaluations["icd"] = ray.get(pending)
                 self._log_evaluation(client, parent, "evaluate_icd", evaluations["icd"])
                 done("evaluate_icd", action="reused" if evaluations["icd"]["reused"] else "evaluated")
-            if "evaluate_cycle" in steps:
-                from icd.evaluation.job import evaluate_stage
+            # Two identical DAGs reach this point together: one evaluates and registers while the other
+            # waits, then finds the evaluation and the version (check-then-act races otherwise).
+            with stage_lock(f"models:/{self.model_name} from {manifests['cycle']['output']}", say=self.say,
+                            activity="evaluated and registered"):
+                if "evaluate_cycle" in steps:
+                    from icd.evaluation.job import evaluate_stage
 
-                evaluations["cycle"] = evaluate_stage(self.config, manifests["cycle"], self.eval_count,
-                                                      settings=self.settings)
-                self._log_evaluation(client, parent, "evaluate_cycle", evaluations["cycle"],
-                                     extra=evaluations.get("icd"))
-                done("evaluate_cycle", action="reused" if evaluations["cycle"]["reused"] else "evaluated")
-            summary["evaluation"] = {k: v["rows"] for k, v in evaluations.items()}
-            version = None
-            if "register" in steps:
-                version, reused = self._register(client, parent, manifests["cycle"], evaluations)
-                summary["version"] = version.version
-                done("register", action="reused" if reused else "registered",
-                     detail=f"{self.model_name} version {version.version}")
+                    evaluations["cycle"] = evaluate_stage(self.config, manifests["cycle"], self.eval_count,
+                                                          settings=self.settings)
+                    self._log_evaluation(client, parent, "evaluate_cycle", evaluations["cycle"],
+                                         extra=evaluations.get("icd"))
+                    done("evaluate_cycle", action="reused" if evaluations["cycle"]["reused"] else "evaluated")
+                summary["evaluation"] = {k: v["rows"] for k, v in evaluations.items()}
+                version = None
+                if "register" in steps:
+                    version, reused = self._register(client, parent, manifests["cycle"], evaluations)
+                    summary["version"] = version.version
+                    done("register", action="reused" if reused else "registered",
+                         detail=f"{self.model_name} version {version.version}")
             if "promote" in steps:
                 from icd.registry.promotion import promote
 

@@ -33,8 +33,10 @@ def lock_name(output: str) -> str:
 
 
 @contextlib.contextmanager
-def stage_lock(output: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0, say=print) -> Iterator[bool]:
-    """Hold the lock on stage output ``output`` for the block; yields True if another driver held it first."""
+def stage_lock(output: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0, say=print,
+               activity: str = "trained") -> Iterator[bool]:
+    """Hold the lock on ``output`` (a stage output, or a model's registration) for the block; yields True if
+    another driver held it first. ``activity`` words the waiting message ("being <activity> by another job")."""
     name, waited, deadline = lock_name(output), False, time.monotonic() + timeout_s
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
     while True:
@@ -46,7 +48,7 @@ def stage_lock(output: str, timeout_s: float = 24 * 3600, poll_s: float = 2.0, s
             if not waited:
                 with contextlib.suppress(Exception):
                     other = ray.get(ray.get_actor(name, namespace=NAMESPACE).who.remote(), timeout=10)
-                    say(f"{output}: being trained by another job ({other}); waiting for it")
+                    say(f"{output}: being {activity} by another job ({other}); waiting for it")
                 waited = True
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{output}: still locked by another job after {timeout_s:.0f} s") from None
