@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -102,18 +103,42 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     assert client.get_model_version_by_alias("icd-toy", "champion").version == first["version"]
     assert client.get_model_version_by_alias("icd-toy", "challenger").version == worse["version"]
 
-    # two registrations of the same model at once (a new registered model, so nothing exists yet): one
-    # registers, the other waits for the lock and reuses that version
-    twin = ("--set", "tracking.registered_model=icd-toy-twin", "--stages", "evaluate_cycle,register")
-    commands = [[str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
-                 "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
-                 *[arg for s in TINY for arg in ("--set", s)], *twin] for _ in range(2)]
-    jobs = [subprocess.Popen(c, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for c in commands]
-    logs = [job.communicate(timeout=900)[0] for job in jobs]
-    assert [job.returncode for job in jobs] == [0, 0], [log[-3000:] for log in logs]
-    twins = [json.loads([line for line in log.splitlines() if line.startswith("{")][-1]) for log in logs]
-    assert sorted(t["steps"]["register"]["action"] for t in twins) == ["registered", "reused"], twins
-    assert twins[0]["version"] == twins[1]["version"] == "1"
+    # registration takes a lock on the model and the cycle output (two identical DAGs register one version):
+    # while another driver holds it, the register step waits and registers nothing
+    lock = f"models:/icd-toy-twin from {first['steps']['cycle']['detail']}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        twin = ("--set", "tracking.registered_model=icd-toy-twin", "--stages", "evaluate_cycle,register")
+        command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
+                   "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",
+                   *[arg for s in TINY for arg in ("--set", s)], *twin]
+        waiting = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        lines = []
+        for line in waiting.stdout:
+            lines.append(line)
+            if "being evaluated and registered by another job" in line:
+                break
+        assert waiting.poll() is None, "".join(lines)[-3000:]
+        time.sleep(5)
+        assert client.search_model_versions("name = 'icd-toy-twin'") == []
+    finally:
+        holder.kill()
+        holder.wait()
+    rest, _ = waiting.communicate(timeout=600)
+    assert waiting.returncode == 0, rest[-3000:]
+    registered = json.loads([line for line in rest.splitlines() if line.startswith("{")][-1])
+    assert registered["steps"]["register"]["action"] == "registered" and registered["version"] == "1"
     assert len(client.search_model_versions("name = 'icd-toy-twin'")) == 1
-    assert any("being evaluated and registered by another job" in log for log in logs)
+
+
+HOLD_LOCK = """
+import sys, time, ray
+from icd.train.stage_lock import stage_lock
+ray.init()
+with stage_lock(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
