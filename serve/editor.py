@@ -109,6 +109,7 @@ class Editor:
 
     def __init__(self, model_uri: str | None = None):
         self.model: LoadedModel | None = None
+        self.refused_update: str | None = None  # why the last model swap was refused (the old model serves)
         self.calls = 0  # batched model calls, for tests and metrics
         self.max_batch_size = MAX_BATCH_SIZE
         if model_uri:
@@ -118,7 +119,11 @@ class Editor:
         """Serve ``user_config.model_uri`` (at ``model_version`` when given; else what the alias names now).
 
         A no-op when that is the model served. The new model is built before the swap; requests in
-        flight keep their reference to the old one and finish on it.
+        flight keep their reference to the old one and finish on it. A model that does not load is
+        refused: a replica that serves nothing yet fails to start, one that serves a model keeps it
+        and reports the refusal in `info` (``refused_update``). It does not raise then, because Serve
+        stops a replica whose reconfigure raises and starts new ones that fail the same way: a broken
+        version would take the service down.
         """
         self._set_batching(user_config)
         uri = user_config.get("model_uri") or (self.model.source if self.model else None)
@@ -131,9 +136,14 @@ class Editor:
                 loaded = load_model(uri, pinned)
             except Exception as exc:  # a broken version: refuse the swap, keep serving the old model
                 serving = f"; still serving {self.model.name} version {self.model.version}" if self.model else ""
-                raise RuntimeError(f"cannot serve {uri} = {wanted[0]} version {wanted[1]}: "
-                                   f"{type(exc).__name__}: {exc}{serving}") from exc
+                message = f"cannot serve {uri} = {wanted[0]} version {wanted[1]}: {type(exc).__name__}: {exc}{serving}"
+                if self.model is None:
+                    raise RuntimeError(message) from exc
+                log.error("%s", message)
+                self.refused_update = message
+                return
             self.model = loaded
+        self.refused_update = None
 
     def _set_batching(self, user_config: dict) -> None:
         """``user_config.max_batch_size`` / ``batch_wait_timeout_s``: the knobs of every batch queue."""
@@ -161,7 +171,7 @@ class Editor:
                 "resolution": pipeline.resolution, "steps": len(pipeline.boundaries.reverse_timesteps),
                 "latent_size": unet.sample_size, "latent_channels": unet.in_channels, "calls": self.calls,
                 "max_batch_size": self.max_batch_size, "fused": isinstance(pipeline.bundle, FusedBundle),
-                "weights_bytes": pipeline.memory()}
+                "weights_bytes": pipeline.memory(), "refused_update": self.refused_update}
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
     async def invert(self, jobs: list[Job]) -> list[tuple]:

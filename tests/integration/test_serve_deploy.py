@@ -122,6 +122,37 @@ def test_up_again_with_nothing_moved_changes_nothing(deployed, stack):
     assert (after["version"], after["calls"]) == (before["version"], before["calls"])
 
 
+def test_an_alias_moved_to_a_broken_version_is_refused_and_the_model_keeps_serving(deployed, stack, monkeypatch):
+    import mlflow
+
+    from icd.stack.settings import StackError
+
+    client, url = mlflow.MlflowClient(), stack.serve_url
+    good = requests.get(f"{url}/v1/models", timeout=30).json()["version"]
+    broken = client.create_model_version(MODEL, source=f"s3://{stack.bucket}/no-such-model", await_creation_for=0)
+    client.set_registered_model_alias(MODEL, "champion", broken.version)
+    body = {"image": png_b64(), "source_prompt": SOURCE, "target_prompt": TARGET}
+    try:
+        # before deploying: the version's model cannot be read, nothing is deployed
+        with pytest.raises(StackError, match=rf"version {broken.version}: its model cannot be read.*Nothing was deployed"):
+            serving.up(stack, REPO / "serve/config.yaml", model_uri=URI)
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["version"] == good
+        # past that check (a version whose files are there but do not load): the replica refuses the swap
+        # and keeps serving; Serve does not replace it (it would, had reconfigure raised)
+        calls = requests.get(f"{url}/v1/models", timeout=30).json()["calls"]
+        monkeypatch.setattr(serving, "check_servable", lambda uri, version: None)
+        with pytest.raises(StackError, match=rf"version {broken.version}: .*still serving {MODEL} version {good}"):
+            serving.up(stack, REPO / "serve/config.yaml", model_uri=URI)
+        assert serving.status(stack)["applications"]["icd"]["status"] == "RUNNING"
+        edit = requests.post(f"{url}/v1/edit", json=body, timeout=300)
+        assert edit.status_code == 200 and edit.json()["model_version"] == good
+        assert requests.get(f"{url}/v1/models", timeout=30).json()["calls"] > calls  # the same replica
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", good)
+    restored = serving.up(stack, REPO / "serve/config.yaml", model_uri=URI)
+    assert restored["version"] == good and restored["refused_update"] is None
+
+
 @pytest.fixture
 def page(deployed, stack):
     """The editor page at / in headless Chromium (Debian's binary: no browser download)."""

@@ -74,6 +74,30 @@ def resolve_alias(model_uri: str) -> str | None:
                          f"(train and promote first: jobs/train_icd.py, jobs/promote.py): {exc}") from None
 
 
+def check_servable(model_uri: str, version: str) -> None:
+    """Refuse a registry version whose model cannot be read, before anything is deployed.
+
+    Deploying it would not only fail: Serve stops a replica whose reconfigure fails, so the
+    running model would go down with it.
+    """
+    import mlflow
+
+    name = model_uri.removeprefix("models:/").partition("@")[0]
+    try:
+        mlflow.models.get_model_info(f"models:/{name}/{version}")
+    except Exception as exc:
+        raise StackError(f"cannot serve {model_uri} = {name} version {version}: its model cannot be read "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Nothing was deployed; a running "
+                         "application keeps its model. Point the alias at a good version and run this again.") from None
+
+
+def pinned_versions(config: dict) -> list[tuple[str, str]]:
+    """(model_uri, model_version) of every deployment whose user_config pins a registry version."""
+    return [(d["user_config"]["model_uri"], d["user_config"]["model_version"])
+            for app in config["applications"] for d in app.get("deployments", [])
+            if (d.get("user_config") or {}).get("model_version")]
+
+
 def deploy_config(config: dict, settings: StackSettings, working_dir: str, model_uri: str | None = None) -> dict:
     """``config`` for this stack: its HTTP port, the uploaded code, the Editor pinned to a registry version."""
     config = copy.deepcopy(config)
@@ -136,6 +160,8 @@ def up(settings: StackSettings, config_path: Path = DEFAULT_CONFIG, model_uri: s
     os.environ.update({k: v for k, v in settings.client_env().items() if k.startswith(("MLFLOW", "AWS"))})
     config = deploy_config(yaml.safe_load(config_path.read_text()), settings, upload_app(settings, package_app()),
                            model_uri)
+    for uri, version in pinned_versions(config):
+        check_servable(uri, version)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     try:
@@ -143,6 +169,9 @@ def up(settings: StackSettings, config_path: Path = DEFAULT_CONFIG, model_uri: s
     finally:
         Path(handle.name).unlink(missing_ok=True)
     info = wait_healthy(settings) if wait else {}
+    if info.get("refused_update"):  # the version's files were there but it did not load in the replica
+        raise StackError(f"{info['refused_update']}. The deployment now names that version: point the alias at a "
+                         "good version and run this again before a replica restarts.")
     return {"url": settings.serve_url, "docs": f"{settings.serve_url}/docs", **info}
 
 
