@@ -39,6 +39,9 @@ class ModelConfig(_Section):
     # always in diffusers layout with safetensors weights.
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
+    # Another VAE than the base's (hub id, directory or s3:// URI): SDXL's VAE overflows in fp16, so in
+    # fp16 it is kept in fp32 unless this names one fixed for it (madebyollin/sdxl-vae-fp16-fix).
+    vae: str | None = None
     resolution: int = Field(512, ge=8, description="training/serving image side in pixels")
     lora_rank: int = Field(64, ge=1)
     lora_alpha: float = Field(8.0, gt=0, description="PEFT's default alpha, scale alpha/rank")

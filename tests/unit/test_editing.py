@@ -8,16 +8,17 @@ from icd.editing.attention import ControlledAttnProcessor, attention_control
 from icd.editing.modes import edit
 from icd.editing.p2p import P2POptions, PromptToPromptController, token_mapping
 from icd.models.adapters import add_adapters
-from icd.models.toy import tiny_bundle
+from icd.models.toy import tiny_bundle, tiny_sdxl_bundle
 
 BOUNDARIES = Boundaries((999, 779, 519, 259), (19, 259, 519, 779))
 SOURCES = ["a red circle on a blue background", "a green star on a white background",
            "a black square on a yellow background", "a white triangle on a red background"]
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    b = tiny_bundle(seed=5, guidance_dim=16)
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def bundle(request):
+    """Both architectures: SDXL's conditioning (two encoders, pooled embedding, size ids) takes the same paths."""
+    b = tiny_bundle(seed=5, guidance_dim=16) if request.param == "sd15" else tiny_sdxl_bundle(seed=5, guidance_dim=16)
     add_adapters(b.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
     with torch.no_grad():
         for name, p in b.unet.named_parameters():

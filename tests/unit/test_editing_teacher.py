@@ -6,15 +6,18 @@ import torch
 from icd.diffusion import samplers
 from icd.editing.p2p import P2POptions
 from icd.editing.teacher import ddim_edit
-from icd.models.toy import tiny_bundle
+from icd.models.toy import tiny_bundle, tiny_sdxl_bundle
 
 SOURCES = ["a red circle on a blue background", "a green star on a white background"]
 TARGETS = ["a yellow circle on a blue background", "a purple star on a white background"]
 
 
-@pytest.fixture(scope="module", params=[None, 16], ids=["two-pass-cfg", "embedded-cfg"])
+@pytest.fixture(scope="module", params=[("sd15", None), ("sd15", 16), ("sdxl", None)],
+                ids=["two-pass-cfg", "embedded-cfg", "sdxl-two-pass-cfg"])
 def bundle(request):
-    return tiny_bundle(seed=3, guidance_dim=request.param)
+    architecture, guidance_dim = request.param
+    build = tiny_bundle if architecture == "sd15" else tiny_sdxl_bundle
+    return build(seed=3, guidance_dim=guidance_dim)
 
 
 def images(n=2):

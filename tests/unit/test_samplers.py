@@ -11,7 +11,7 @@ from icd.diffusion.boundaries import Boundaries
 from icd.diffusion.schedule import alpha_sigma, scaled_linear_alphas_cumprod, target_alpha_sigma
 from icd.models.adapters import add_adapters
 from icd.models.bundle import ModelBundle
-from icd.models.toy import tiny_bundle
+from icd.models.toy import tiny_bundle, tiny_sdxl_bundle
 
 ACP = scaled_linear_alphas_cumprod()
 MU, STD = 0.3, 0.7  # the data: x0 ~ N(MU, STD^2 I)
@@ -130,9 +130,9 @@ def test_timestep_lists_are_not_modified():
 
 # --- the real (tiny) UNet with forward / reverse adapters ----------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    bundle = tiny_bundle(guidance_dim=16)
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def tiny(request):
+    bundle = tiny_bundle(guidance_dim=16) if request.param == "sd15" else tiny_sdxl_bundle(guidance_dim=16)
     add_adapters(bundle.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"])
     with torch.no_grad():  # make the adapters non-trivial, so they change outputs
         for name, p in bundle.unet.named_parameters():

@@ -55,7 +55,7 @@ class LatentEncoder:
         pixels = to_model_range(torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
         ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.bundle.device)
         latents = self.bundle.encode_images(pixels).float().cpu().numpy()
-        hidden = self.bundle.text_encoder(ids).last_hidden_state.float().cpu().numpy()
+        hidden = self.bundle.encode_token_ids(ids).float().cpu().numpy()  # SDXL: its packed context
         return {"key": batch["key"], "caption": batch["caption"], "input_ids": batch["input_ids"],
                 "latents": latents, "encoder_hidden_states": hidden}
 

@@ -130,9 +130,9 @@ def guidance_eps_mse(student: ModelBundle, teacher: ModelBundle, latents: torch.
     w = torch.tensor(scales, dtype=torch.float32)[torch.randint(0, len(scales), (b,), generator=generator)]
     noise = torch.randn(latents.shape, generator=generator).to(latents.dtype)
     x_t = add_noise(teacher.alphas_cumprod, latents, noise, t).to(latents.dtype)
+    uncond = teacher.unconditional_like(context, uncond, pooled_from_context=True)  # SDXL: as training does
     with teacher.adapter(None):
-        eps_c, eps_u = teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                   torch.cat([context, uncond.expand(b, -1, -1)])).chunk(2)
+        eps_c, eps_u = teacher.eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([context, uncond])).chunk(2)
     target = cfg_combine(eps_c, eps_u, w.reshape(-1, 1, 1, 1))
     with student.adapter(None):
         prediction = student.eps(x_t, t, context, w if student.guidance_dim is not None else None)

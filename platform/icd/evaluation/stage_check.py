@@ -38,7 +38,7 @@ def input_bundle(stage: str, config: Config, input_manifest: dict | None, settin
     from icd.train.stages import load_stage_bundle
 
     if stage == "cfg_distill":
-        return load_bundle(config.model.base, revision=config.model.revision)
+        return load_bundle(config.model.base, revision=config.model.revision, vae=config.model.vae)
     bundle = load_stage_bundle(input_manifest, settings=settings)
     if stage == "icd":
         torch.manual_seed(config.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -58,9 +59,8 @@ def fused_unet(unet: torch.nn.Module, adapter: str) -> torch.nn.Module:
 def fuse_directions(bundle: ModelBundle, names: tuple[str, ...] = (FORWARD, REVERSE)) -> FusedBundle:
     """The serving form of a trained bundle: one fused UNet per direction; the unfused UNet is dropped."""
     directions = {name: fused_unet(bundle.unet, name) for name in names}
-    return FusedBundle(unet=directions[names[-1]], vae=bundle.vae, text_encoder=bundle.text_encoder,
-                       tokenizer=bundle.tokenizer, alphas_cumprod=bundle.alphas_cumprod, source=bundle.source,
-                       prompt_cache_size=bundle.prompt_cache_size, directions=directions)
+    shared = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(ModelBundle) if f.name != "unet"}
+    return FusedBundle(unet=directions[names[-1]], directions=directions, **shared)
 
 
 def parameter_bytes(*modules: torch.nn.Module) -> int:
@@ -78,5 +78,5 @@ def bundle_memory(bundle: ModelBundle) -> dict[str, int]:
     """Weight memory of a bundle by component, in bytes (what a serving replica holds besides activations)."""
     unets = list(bundle.directions.values()) if isinstance(bundle, FusedBundle) else [bundle.unet]
     return {"unet": parameter_bytes(*unets), "vae": parameter_bytes(bundle.vae),
-            "text_encoder": parameter_bytes(bundle.text_encoder),
-            "total": parameter_bytes(*unets, bundle.vae, bundle.text_encoder)}
+            "text_encoder": parameter_bytes(*bundle.text_encoders),
+            "total": parameter_bytes(*unets, bundle.vae, *bundle.text_encoders)}

@@ -77,6 +77,9 @@ def _cached_dir() -> Path:
     return write_clip_tokenizer_files(Path(tempfile.mkdtemp(prefix="icd-clip-tokenizer-")))
 
 
-def offline_clip_tokenizer() -> CLIPTokenizer:
-    """SD's CLIPTokenizer (pad with <|endoftext|> to 77 tokens), built without any download."""
-    return CLIPTokenizer.from_pretrained(str(_cached_dir()))
+def offline_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """SD's CLIPTokenizer (pad with <|endoftext|> to 77 tokens), built without any download.
+
+    SDXL's second tokenizer is the same BPE padding with "!" (``pad_token="!"``, id 0).
+    """
+    return CLIPTokenizer.from_pretrained(str(_cached_dir()), pad_token=pad_token)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # Where the pretrained toy base model ships (package data, diffusers layout, fp16 safetensors).
 TOY_BASE_DIR = Path(__file__).parent / "toy_base"
@@ -35,13 +35,15 @@ def toy_vae(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: in
     )
 
 
+def _text_config(hidden: int, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                          pad_token_id=49407, **extra)
+
+
 def toy_text_encoder(hidden: int = TEXT_HIDDEN) -> CLIPTextModel:
     """A 2-layer CLIP text transformer (hidden 64) over SD's full 49,408-token vocabulary."""
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
+    return CLIPTextModel(_text_config(hidden))
 
 
 def toy_unet(channels: tuple[int, ...] = (64, 96, 96), cross_attention_dim: int = TEXT_HIDDEN,
@@ -77,6 +79,39 @@ def tiny_bundle(seed: int = 0, guidance_dim: int | None = None):
     bundle = ModelBundle(unet=unet, vae=toy_vae((16, 32, 64), layers_per_block=1), text_encoder=toy_text_encoder(hidden=32),
                          tokenizer=offline_clip_tokenizer(), source="tiny")
     for module in (bundle.unet, bundle.vae, bundle.text_encoder):
+        module.eval().requires_grad_(False)
+    return bundle
+
+
+def tiny_sdxl_bundle(seed: int = 0, guidance_dim: int | None = None, hidden: tuple[int, int] = (32, 32),
+                     pooled_dim: int = 32, time_embed_dim: int = 8):
+    """Random weights in SDXL's architecture, small enough for CPU tests of every code path.
+
+    The real classes and wiring: two text encoders (``CLIPTextModel`` and
+    ``CLIPTextModelWithProjection``, their penultimate hidden states concatenated into the
+    cross-attention width), a UNet with ``addition_embed_type="text_time"`` taking the pooled
+    embedding plus 6 size ids, SDXL's VAE scaling factor and its zeroed empty prompt.
+    """
+    import torch
+
+    from icd.models.bundle import ModelBundle
+    from icd.models.tokenizer import offline_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=sum(hidden), attention_head_dim=4, norm_num_groups=32, use_linear_projection=True,
+        time_cond_proj_dim=guidance_dim, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=pooled_dim + 6 * time_embed_dim,
+    )
+    vae = toy_vae((16, 32, 64), layers_per_block=1)
+    vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scaling
+    bundle = ModelBundle(unet=unet, vae=vae, text_encoder=CLIPTextModel(_text_config(hidden[0])),
+                         tokenizer=offline_clip_tokenizer(), source="tiny-sdxl",
+                         text_encoder_2=CLIPTextModelWithProjection(_text_config(hidden[1], projection_dim=pooled_dim)),
+                         tokenizer_2=offline_clip_tokenizer(pad_token="!"), zero_empty_prompt=True)
+    for module in (bundle.unet, bundle.vae, *bundle.text_encoders):
         module.eval().requires_grad_(False)
     return bundle
 

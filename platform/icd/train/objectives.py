@@ -209,9 +209,9 @@ class CFGDistillObjective(torch.nn.Module):
 
     def teacher_eps(self, x, t, context):
         if self.teacher is not None:
-            return self.teacher(x, t, encoder_hidden_states=context).sample
+            return self.teacher(x, t, **self.bundle.unet_kwargs(context)).sample
         with self.bundle.adapter(None):  # no timestep_cond: the w-embedding is not part of the teacher
-            return self.unet(x, t, encoder_hidden_states=context, timestep_cond=None).sample
+            return self.unet(x, t, timestep_cond=None, **self.bundle.unet_kwargs(context)).sample
 
     def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         b, num_t = latents.shape[0], len(self.bundle.alphas_cumprod)
@@ -219,7 +219,8 @@ class CFGDistillObjective(torch.nn.Module):
         w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
         x_t = add_noise(self.bundle.alphas_cumprod, latents, _noise(latents, generator), t).to(latents.dtype)
         with torch.no_grad():
-            uncond = self.uncond.expand(b, -1, -1)
+            # SDXL: zero hidden states with the sample's pooled embedding, as the official iCD-XL training
+            uncond = self.bundle.unconditional_like(context, self.uncond, pooled_from_context=True)
             eps_c, eps_u = self.teacher_eps(torch.cat([x_t, x_t]), torch.cat([t, t]),
                                             torch.cat([context, uncond])).chunk(2)
         with self.bundle.adapter(GUIDANCE_ADAPTER if self.teacher is None else None):

@@ -41,7 +41,8 @@ GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guid
 # (section, field) -> the value that trains exactly as before the field existed.
 ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "constant",
                ("train", "lr_warmup_steps"): 0, ("method", "preservation_clean_end"): "renoise",
-               ("model", "lora_init"): "gaussian", ("method", "reverse_guidance_scales"): None}
+               ("model", "lora_init"): "gaussian", ("method", "reverse_guidance_scales"): None,
+               ("model", "vae"): None}
 
 
 def check_stage(stage: str) -> str:
@@ -149,7 +150,8 @@ def load_stage_bundle(manifest: dict, device: str | torch.device = "cpu", dtype:
     from icd.models.adapters import load_adapter
     from icd.models.loading import load_bundle
 
-    bundle = load_bundle(manifest["base"], revision=manifest.get("revision"), dtype=dtype, device=device)
+    bundle = load_bundle(manifest["base"], revision=manifest.get("revision"), dtype=dtype, device=device,
+                         vae=manifest.get("vae"))
     if manifest.get("unet"):
         unet_dir = local_dir(manifest["unet"], settings)
         bundle.unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
@@ -183,7 +185,7 @@ class StageModel:
         from icd.data.preprocess import to_model_range
 
         latents = self.bundle.encode_images(to_model_range(batch["pixels"]).to(device))
-        hidden = self.bundle.text_encoder(batch["input_ids"].to(device).long()).last_hidden_state
+        hidden = self.bundle.encode_token_ids(batch["input_ids"].to(device).long())
         return latents, hidden.to(dtype)
 
     def export(self, directory: Path) -> None:
@@ -225,7 +227,7 @@ def build_stage_model(stage: str, config: Config, input_manifest: dict | None,
     boundaries = Boundaries.from_config(config.method)
     target = None
     if stage == "cfg_distill":
-        bundle = load_bundle(config.model.base, revision=config.model.revision, device=device)
+        bundle = load_bundle(config.model.base, revision=config.model.revision, device=device, vae=config.model.vae)
         teacher = None
         if not stage_config.lora:
             teacher = copy.deepcopy(bundle.unet).requires_grad_(False)
@@ -272,7 +274,7 @@ def make_manifest(paths: StagePaths, config: Config, input_manifest: dict | None
     unet = f"{paths.output}/{exported['unet']}" if exported.get("unet") else previous.get("unet")
     return {
         "stage": paths.stage, "identity": paths.identity, "run": paths.run, "config_hash": config.hash(),
-        "base": config.model.base, "revision": config.model.revision, "unet": unet,
+        "base": config.model.base, "revision": config.model.revision, "vae": config.model.vae, "unet": unet,
         "adapters": {name: f"{paths.output}/{rel}" for name, rel in exported.get("adapters", {}).items()},
         "boundaries": {"reverse": list(config.method.reverse_timesteps),
                        "forward": list(config.method.forward_timesteps)},
