@@ -2,7 +2,7 @@ import pytest
 
 from icd.config import Config, ConfigError, apply_override, load_config
 
-PRESETS = ["jobs/configs/toy.yaml", "jobs/configs/sd15.yaml"]
+PRESETS = ["jobs/configs/toy.yaml", "jobs/configs/sd15.yaml", "jobs/configs/sdxl.yaml"]
 
 
 @pytest.mark.parametrize("path", PRESETS)
