@@ -5,9 +5,15 @@ its pyarrow filesystem or boto3 client from here, configured from the standard A
 environment that ``icd stack env`` exports (and that KubeRay pods get from a Secret):
 
     AWS_ENDPOINT_URL (or MLFLOW_S3_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    AWS_REGION / AWS_DEFAULT_REGION, ICD_BUCKET.
+    AWS_REGION / AWS_DEFAULT_REGION, ICD_BUCKET, AWS_MAX_ATTEMPTS.
 
 Credentials are read from the environment only, never from a config file.
+
+Every client retries with the AWS SDKs' standard strategy (exponential backoff, capped at 20 s)
+up to ``AWS_MAX_ATTEMPTS`` times, default 10: about 80 s of retrying, so object storage can be
+away for a minute (a restart, a failover) without failing a checkpoint write. Ray Train's
+controller writes its checkpoint index through this filesystem and does not retry a failed write
+itself: with the SDK default of 3 attempts (2 s), a 30 s outage ended the stage.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from urllib.parse import urlparse
 from pyarrow import fs as pafs
 
 DEFAULT_REGION = "us-east-1"
+DEFAULT_MAX_ATTEMPTS = 10
 
 
 class StorageError(RuntimeError):
@@ -33,6 +40,7 @@ class S3Settings:
     secret_key: str | None = field(default=None, repr=False)
     region: str = DEFAULT_REGION
     bucket: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # per request, with exponential backoff (see the module doc)
 
     @classmethod
     def from_env(
@@ -50,6 +58,7 @@ class S3Settings:
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
             bucket=bucket or env.get("ICD_BUCKET") or None,
+            max_attempts=_max_attempts(env.get("AWS_MAX_ATTEMPTS")),
         )
 
     @classmethod
@@ -74,6 +83,18 @@ class S3Settings:
     def uri(self, key: str = "") -> str:
         """``s3://<bucket>/<key>`` in the configured bucket."""
         return f"s3://{self.require_bucket()}/{key.lstrip('/')}"
+
+
+def _max_attempts(text: str | None) -> int:
+    if not text:
+        return DEFAULT_MAX_ATTEMPTS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StorageError(f"AWS_MAX_ATTEMPTS={text!r}: expected an integer >= 1 (attempts per S3 request)")
+    return value
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -101,7 +122,7 @@ def s3_client(settings: S3Settings | None = None):
         aws_access_key_id=settings.access_key,
         aws_secret_access_key=settings.secret_key,
         region_name=settings.region,
-        config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"}),
+        config=BotoConfig(s3={"addressing_style": "path"}, retries={"max_attempts": settings.max_attempts, "mode": "standard"}),
     )
 
 
@@ -121,8 +142,93 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
         access_key=settings.access_key,
         secret_key=settings.secret_key,
         region=settings.region,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
         **kwargs,
     )
+
+
+class RetryingS3Handler(pafs.FileSystemHandler):
+    """``s3_filesystem(settings)`` behind pyarrow's `PyFileSystem`, so that it survives pickling.
+
+    pyarrow's ``S3FileSystem`` drops its ``retry_strategy`` when pickled (an unpickled copy retries
+    3 times, 2 s, whatever it was built with), and Ray pickles the ``storage_filesystem`` of a
+    ``RunConfig`` to its controller and workers. This handler pickles the settings instead and
+    builds the filesystem, with its retries, where it is used.
+    """
+
+    def __init__(self, settings: S3Settings):
+        self.settings = settings
+        self._fs = None
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict) -> None:
+        self.settings, self._fs = state["settings"], None
+
+    @property
+    def fs(self) -> pafs.S3FileSystem:
+        if self._fs is None:
+            self._fs = s3_filesystem(self.settings)
+        return self._fs
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RetryingS3Handler) and other.settings == self.settings
+
+    def equals(self, other) -> bool:  # PyFileSystem.equals
+        return self == other
+
+    def get_type_name(self) -> str:
+        return "s3"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def picklable_s3_filesystem(settings: S3Settings | None = None) -> pafs.PyFileSystem:
+    """An S3 filesystem that keeps its retries when pickled (for Ray Train's ``storage_filesystem``)."""
+    settings = settings or S3Settings.from_env()
+    settings.require_credentials()
+    return pafs.PyFileSystem(RetryingS3Handler(settings))
 
 
 def filesystem_for(path: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:

@@ -48,3 +48,37 @@ def test_filesystems():
     assert s.uri("/latents/x") == "s3://b/latents/x"
     with pytest.raises(StorageError, match="expected http"):
         s3_filesystem(S3Settings.from_env({**ENV, "AWS_ENDPOINT_URL": "127.0.0.1:8333"}))
+
+
+def test_requests_retry_aws_max_attempts_times(monkeypatch):
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    assert S3Settings.from_env(env).max_attempts == 10
+    settings = S3Settings.from_env({**env, "AWS_MAX_ATTEMPTS": "7"})
+    assert settings.max_attempts == 7
+    assert s3_client(settings).meta.config.retries["total_max_attempts"] == 8  # botocore counts the first try
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS='none'"):
+        S3Settings.from_env({**env, "AWS_MAX_ATTEMPTS": "none"})
+    built = []
+    real = pafs.AwsStandardS3RetryStrategy
+    monkeypatch.setattr(pafs, "AwsStandardS3RetryStrategy", lambda max_attempts: built.append(max_attempts) or real(max_attempts))
+    s3_filesystem(settings)
+    assert built == [7]
+
+
+def test_the_filesystem_for_ray_train_keeps_its_retries_when_pickled(monkeypatch):
+    """pyarrow's S3FileSystem drops retry_strategy when pickled; Ray pickles RunConfig's storage_filesystem."""
+    import pickle
+
+    from icd.storage import RetryingS3Handler, picklable_s3_filesystem
+
+    settings = S3Settings.from_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k",
+                                    "AWS_SECRET_ACCESS_KEY": "s", "AWS_MAX_ATTEMPTS": "7"})
+    # the pyarrow behaviour this works around (when this fails, pyarrow keeps the strategy itself)
+    assert "retry_strategy" not in s3_filesystem(settings).__reduce__()[1][0]
+    fs = pickle.loads(pickle.dumps(picklable_s3_filesystem(settings)))
+    assert isinstance(fs.handler, RetryingS3Handler) and fs.handler.settings == settings
+    built = []
+    real = pafs.AwsStandardS3RetryStrategy
+    monkeypatch.setattr(pafs, "AwsStandardS3RetryStrategy", lambda max_attempts: built.append(max_attempts) or real(max_attempts))
+    assert isinstance(fs.handler.fs, pafs.S3FileSystem) and built == [7]  # built where used, with the retries
+    assert fs.type_name == "py::s3"

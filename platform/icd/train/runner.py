@@ -13,7 +13,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from icd.config import Config
-from icd.storage import S3Settings, filesystem_for
+from icd.storage import S3Settings, filesystem_for, is_s3_uri, picklable_s3_filesystem
 from icd.train import tracking
 from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
 from icd.train.resources import wait_for_resources
@@ -86,6 +86,8 @@ def _train(config: Config, stage: str, paths: StagePaths, root: str | None, sett
         f"worker(s); checkpoints under {paths.storage_path}/{paths.trainer_name}")
 
     fs, storage_path = filesystem_for(paths.storage_path, settings)
+    if is_s3_uri(paths.storage_path):  # Ray pickles it to the controller and workers: keep its retries
+        fs = picklable_s3_filesystem(settings or S3Settings.from_env())
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
