@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from icd.stack.processes import ProcessRecord, family, port_is_free, spawn, terminate
 from icd.stack.settings import StackError, StackSettings
@@ -32,6 +33,7 @@ class WorkerNode:
     index: int
     record: ProcessRecord
     settings: StackSettings
+    temp_dir: Path  # its Ray session, logs and sockets
 
     @property
     def resource(self) -> str:
@@ -59,23 +61,33 @@ def node_ports(settings: StackSettings, index: int) -> dict[str, int]:
     return {name: base + i for i, name in enumerate(NODE_PORT_NAMES)}
 
 
-def node_temp_dir(settings: StackSettings, index: int):
-    """Worker node ``index``'s own Ray temp dir (session, logs, sockets).
+def node_temp_dir(settings: StackSettings, index: int, incarnation: int = 0) -> Path:
+    """Worker node ``index``'s own Ray temp dir (session, logs, sockets); a node started again gets a new one.
 
     Nodes on one machine would otherwise share the head's session directory, and every node's log
-    monitor would forward every worker's output: each line of a job's log printed once per node.
+    monitor would forward every worker's output: each line of a job's log printed once per node. A
+    node restarted on its old directory would forward its dead workers' logs again from the start.
     """
-    return settings.ray_temp_dir.with_name(f"{settings.ray_temp_dir.name}-n{index}")
+    suffix = f"-n{index}" + (f"r{incarnation}" if incarnation else "")
+    return settings.ray_temp_dir.with_name(settings.ray_temp_dir.name + suffix)
 
 
-def _node_command(settings: StackSettings, index: int, num_cpus: float, object_store_mb: int) -> list[str]:
+def fresh_node_temp_dir(settings: StackSettings, index: int) -> Path:
+    incarnation = 0
+    while node_temp_dir(settings, index, incarnation).exists():
+        incarnation += 1
+    return node_temp_dir(settings, index, incarnation)
+
+
+def _node_command(settings: StackSettings, index: int, num_cpus: float, object_store_mb: int,
+                  temp_dir: Path) -> list[str]:
     from icd.stack.services import find_binary
 
     ray = find_binary("ray", "install the project (make install) so Ray is in .venv")
     resources = {node_resource(index): 1, WORKER_RESOURCE: 1}
     return [ray, "start", f"--address={settings.host}:{settings.ray_port}", "--block", "--disable-usage-stats",
             f"--node-ip-address={settings.host}", f"--num-cpus={num_cpus:g}", f"--resources={json.dumps(resources)}",
-            f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={node_temp_dir(settings, index)}",
+            f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
             *(f"--{name}={port}" for name, port in node_ports(settings, index).items())]
 
 
@@ -98,9 +110,10 @@ def start_node(settings: StackSettings, index: int, num_cpus: float = 1, object_
                          "address (ICD_HOST=<ip>) for a multi-node cluster")
     env = {**_ray_env(settings), STACK_ID_VAR: f"{settings.stack_id}/node-{index}"}
     log = settings.state_dir / "logs" / f"ray-node-{index}.log"
-    record = spawn(f"ray-node-{index}", _node_command(settings, index, num_cpus, object_store_mb), env, log,
+    temp_dir = fresh_node_temp_dir(settings, index)
+    record = spawn(f"ray-node-{index}", _node_command(settings, index, num_cpus, object_store_mb, temp_dir), env, log,
                    settings.state_dir)
-    node = WorkerNode(index, record, settings)
+    node = WorkerNode(index, record, settings, temp_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not node.alive():
