@@ -97,3 +97,38 @@ def kohya_state_dict(official: dict[str, torch.Tensor], alpha: float = 8.0) -> d
         if "lora_down" in kohya:
             out[f"{kohya.split('.')[0]}.alpha"] = torch.tensor(alpha)
     return out
+
+
+@dataclass
+class ReleasedXLCheckpoints:
+    """iCD-XL's layout: an SDXL-architecture base (`tiny_sdxl_bundle`), its teacher, the 4steps_2 set."""
+
+    root: Path
+    base: Path
+    teacher: Path
+    reverse: Path
+    forward: Path
+
+
+def build_released_xl_checkpoints(root: Path) -> ReleasedXLCheckpoints:
+    from diffusers import UNet2DConditionModel
+
+    from icd.models.loading import save_bundle
+    from icd.models.toy import tiny_sdxl_bundle
+
+    root.mkdir(parents=True, exist_ok=True)
+    bundle = tiny_sdxl_bundle(seed=1)
+    base = save_bundle(bundle, root / "base-xl")
+    config = {k: v for k, v in bundle.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(2)
+    teacher = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 512}).eval()
+    with torch.no_grad():
+        teacher.time_embedding.cond_proj.weight.normal_(0, 0.05)
+    torch.save(teacher.state_dict(), root / "sdxl_cfg_distill.pt")
+    reverse, forward = SETS["4steps_2"]
+    files = ReleasedXLCheckpoints(root, base, root / "sdxl_cfg_distill.pt",
+                                  root / f"iCD-SDXL-reverse_{'_'.join(map(str, reverse))}.safetensors",
+                                  root / f"iCD-SDXL-forward_{'_'.join(map(str, forward))}.safetensors")
+    official_lora_file(teacher, files.reverse, seed=20)
+    official_lora_file(teacher, files.forward, seed=21)
+    return files

@@ -136,7 +136,7 @@ def test_refusals_name_the_file_and_the_problem(released_checkpoints, tmp_path):
     refused(files, tmp_path, "has no guidance embedding", teacher=str(tmp_path / "plain.pt"))
     # SDXL
     torch.save({**state, "add_embedding.linear_1.weight": torch.zeros(4, 4)}, tmp_path / "xl.pt")
-    refused(files, tmp_path, "SDXL .* not supported yet", teacher=str(tmp_path / "xl.pt"))
+    refused(files, tmp_path, "is an SDXL UNet but --base is SD1.5", teacher=str(tmp_path / "xl.pt"))
     # boundaries that do not mirror
     refused(files, tmp_path, "do not mirror", forward=str(files.forward("4steps_2")))
     # adapter keys: missing, unexpected, misshapen
@@ -204,3 +204,58 @@ def test_the_job_registers_a_version_with_sources_and_nothing_on_refusal(release
     out = model.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()],
                                       "source_prompt": ["a red circle"], "target_prompt": ["a blue circle"]}))
     assert list(out["nfe"]) == [6]
+
+
+def test_an_icd_xl_release_imports_onto_an_sdxl_base_and_edits(tmp_path):
+    """iCD-XL's files (SDXL-shaped here): each direction's eps equals the teacher with that LoRA applied
+    by PEFT directly; the wrong base is refused; the registered model edits through SDXL's conditioning."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    from icd.models import conditioning
+    from icd.train.stages import load_stage_bundle
+    from release_checkpoints import OFFICIAL_TARGETS, RANK, build_released_xl_checkpoints
+
+    files = build_released_xl_checkpoints(tmp_path / "xl")
+    release = prepare_release(str(files.teacher), str(files.reverse), str(files.forward), str(files.base),
+                              tmp_path / "out")
+    assert release.boundaries.reverse_timesteps == (999, 699, 499, 249)
+    assert release.boundaries.forward_timesteps == (19, 249, 499, 699)
+    bundle = load_stage_bundle(release.manifest)
+    assert bundle.is_sdxl and bundle.guidance_dim == 512
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    context = bundle.encode_prompts(["a red circle", "a green star"])
+    hidden, pooled, time_ids = conditioning.unpack(context, bundle.pooled_dim)
+    teacher_state = torch.load(files.teacher, weights_only=True)
+    from diffusers import UNet2DConditionModel
+
+    for name, path in (("icd_reverse", files.reverse), ("icd_forward", files.forward)):
+        reference = UNet2DConditionModel.from_config({**bundle.unet.config, "time_cond_proj_dim": 512})
+        reference.load_state_dict(teacher_state)
+        reference = get_peft_model(reference, LoraConfig(r=RANK, lora_alpha=8, target_modules=OFFICIAL_TARGETS))
+        official = {k.removeprefix("unet."): v for k, v in load_file(path).items()}
+        set_peft_model_state_dict(reference, official)
+        cond = bundle.guidance_cond(7.0, 2)
+        expected = reference(x, 499, encoder_hidden_states=hidden, timestep_cond=cond,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        with bundle.adapter(name):
+            ours = bundle.eps(x, 499, context, w=7.0)
+        torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+        with bundle.adapter(None):
+            assert (bundle.eps(x, 499, context, w=7.0) - expected).abs().max() > 1e-3  # the LoRA matters
+    # an SDXL teacher on an SD1.5 base is refused, naming both
+    from release_checkpoints import build_released_checkpoints
+
+    sd15 = build_released_checkpoints(tmp_path / "sd15")
+    with pytest.raises(ReleaseError, match="is an SDXL UNet but --base is SD1.5"):
+        prepare_release(str(files.teacher), str(files.reverse), str(files.forward), str(sd15.base), tmp_path / "bad")
+    # the edit pipeline on the imported model: 4 + 4 passes
+    from PIL import Image
+
+    from icd.config import load_config
+    from icd.editing.pipeline import EditPipeline
+
+    config = load_config("jobs/configs/toy.yaml")
+    pipeline = EditPipeline.from_manifest(release.manifest, config.editing, 32, serving=config.serving)
+    out = pipeline.edit([Image.new("RGB", (32, 32), (200, 30, 30))], ["a red circle"], ["a blue circle"])
+    assert out.nfe == 8 and out.images[0].size == (32, 32)

@@ -125,7 +125,7 @@ def build_teacher(base_unet_config: dict, state: dict[str, torch.Tensor], source
     """The guidance-distilled UNet: the base's architecture with the teacher's ``time_cond_proj_dim``, its weights."""
     from diffusers import UNet2DConditionModel
 
-    dim = teacher_guidance_dim(state, source)
+    dim = teacher_guidance_dim(state, source, base_is_sdxl=base_unet_config.get("addition_embed_type") == "text_time")
     config = {k: v for k, v in base_unet_config.items() if not k.startswith("_")}
     with torch.device("meta"):  # no throw-away random init of ~860M parameters
         unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": dim})

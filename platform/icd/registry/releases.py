@@ -8,7 +8,8 @@ and registers them. The official training code (yandex-research/invertible-cd) p
 - one LoRA safetensors per direction, PEFT's keys under ``unet.base_model.model.``
   (``...attn1.to_q.lora_A.weight``), rank 64 and PEFT's default alpha 8, which is not stored;
   the file names carry the boundaries: ``iCD-SD15-reverse_259_519_779_999.safetensors`` and
-  ``iCD-SD15-forward_19_259_519_779.safetensors``.
+  ``iCD-SD15-forward_19_259_519_779.safetensors``; iCD-XL's are ``iCD-SDXL-...`` in the same layout
+  (``sdxl_cfg_distill.pt``, the SDXL base's UNet with the same 512-wide guidance embedding).
 """
 
 from __future__ import annotations
@@ -105,12 +106,15 @@ def check_tensors(state: Mapping, source: str) -> None:
         raise ReleaseError(f"{source}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
 
 
-def teacher_guidance_dim(state: Mapping[str, torch.Tensor], source: str) -> int:
-    """The teacher's ``time_cond_proj_dim`` (512 as released), after refusing SDXL and plain UNets."""
+def teacher_guidance_dim(state: Mapping[str, torch.Tensor], source: str, base_is_sdxl: bool = False) -> int:
+    """The teacher's ``time_cond_proj_dim`` (512 as released), after refusing plain UNets and another
+    architecture than the base's (an SDXL teacher on an SD1.5 base, or the reverse)."""
     check_tensors(state, source)
-    if looks_like_sdxl(state):
-        raise ReleaseError(f"{source} is an SDXL UNet (it has add_embedding / several transformer blocks); "
-                           "SDXL (iCD-XL) is not supported yet: import the SD1.5 release")
+    if looks_like_sdxl(state) != base_is_sdxl:
+        teacher, base = ("an SDXL", "SD1.5") if not base_is_sdxl else ("an SD1.5", "SDXL")
+        raise ReleaseError(f"{source} is {teacher} UNet but --base is {base}: give the base it was distilled from "
+                           "(stabilityai/stable-diffusion-xl-base-1.0 for iCD-XL, with --config "
+                           "jobs/configs/sdxl.yaml; stable-diffusion-v1-5/stable-diffusion-v1-5 for iCD-SD15)")
     weight = state.get(GUIDANCE_KEY)
     if weight is None:
         raise ReleaseError(f"{source} has no guidance embedding ({GUIDANCE_KEY}): the released adapters only work "
@@ -121,8 +125,6 @@ def teacher_guidance_dim(state: Mapping[str, torch.Tensor], source: str) -> int:
 def peft_lora_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Official keys (``unet.base_model.model.<module>.lora_A.weight``) -> PEFT's (``<module>.lora_A.weight``)."""
     check_tensors(state, source)
-    if looks_like_sdxl(state):
-        raise ReleaseError(f"{source} holds SDXL LoRA weights; SDXL (iCD-XL) is not supported yet")
     converted = {}
     for key, value in state.items():
         if not key.startswith(OFFICIAL_PREFIX) or not _LORA_KEY.match(key[len(OFFICIAL_PREFIX):]):
