@@ -88,3 +88,35 @@ def test_shard_write_then_parse_with_duplicate_keys():
     data = buffer.getvalue()
     cut = list(iter_tar_samples(data[: data.index(b"img-b") + 2]))
     assert cut[-1] == "truncated" and cut[0].key == "a"
+
+
+def test_the_crop_origin_and_original_size_for_sdxls_size_conditioning():
+    from icd.data.preprocess import original_size, resize_and_crop_with_origin
+
+    # 80 x 60 -> short side 30: 40 x 30, a centred 30-square starts 5 px from the left
+    image = Image.fromarray(np.arange(60 * 80 * 3, dtype=np.uint32).reshape(60, 80, 3).astype(np.uint8))
+    pixels, origin = resize_and_crop_with_origin(image, 30, "center")
+    assert origin == (0, 5) and np.array_equal(pixels, resize_and_crop(image, 30, "center"))
+    resized = np.asarray(image.resize((40, 30), Image.BICUBIC))
+    assert np.array_equal(pixels, resized[0:30, 5:35])  # the origin is where the crop was taken
+    rng = np.random.default_rng(3)
+    pixels, (top, left) = resize_and_crop_with_origin(image, 30, "random", rng)
+    assert top == 0 and 0 <= left <= 10 and np.array_equal(pixels, resized[0:30, left:left + 30])
+    assert original_size({"original_width": 1600, "original_height": 1200}, (80, 60)) == (1200, 1600)
+    assert original_size({}, (80, 60)) == (60, 80)
+
+
+def test_the_preprocessor_gives_each_sample_its_size_ids():
+    import io
+
+    from icd.data.reader import PreprocessOptions, Preprocessor
+
+    def png(width, height):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (10, 200, 30)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    options = PreprocessOptions(32, "center", SampleFilter(min_side=16), 0)
+    out = Preprocessor(options)({"key": ["a", "b"], "image": [png(64, 48), png(40, 40)], "caption": ["x", "y"],
+                                 "meta": ['{"original_width": 640, "original_height": 480}', "{}"]})
+    assert out["size_ids"].tolist() == [[480, 640, 0, 5], [40, 40, 0, 0]] and out["size_ids"].dtype == np.int64

@@ -90,3 +90,16 @@ def test_the_unconditional_rows_take_each_rows_time_ids(bundle):
     hidden, pooled, time_ids = conditioning.unpack(training, bundle.pooled_dim)
     assert torch.count_nonzero(hidden) == 0 and torch.equal(time_ids, ids)
     assert torch.equal(pooled, conditioning.unpack(context, bundle.pooled_dim)[1]) and torch.count_nonzero(pooled) > 0
+
+
+def test_the_datas_size_ids_become_the_pipelines_time_ids(bundle, pipeline):
+    """What training conditions a sample on: its original size and crop, the target size the resolution."""
+    ids = bundle.tokenize(PROMPTS)
+    sizes = torch.tensor([[480, 640, 0, 5], [40, 40, 0, 0]])
+    context = bundle.encode_token_ids(ids, sizes)
+    expected = torch.cat([pipeline._get_add_time_ids((480, 640), (0, 5), (32, 32), dtype=torch.float32,
+                                                     text_encoder_projection_dim=bundle.pooled_dim),
+                          pipeline._get_add_time_ids((40, 40), (0, 0), (32, 32), dtype=torch.float32,
+                                                     text_encoder_projection_dim=bundle.pooled_dim)])
+    torch.testing.assert_close(conditioning.time_ids_of(context, bundle.pooled_dim), expected)
+    torch.testing.assert_close(context[:, :-1], bundle.encode_prompts(PROMPTS)[:, :-1])  # the text is the same

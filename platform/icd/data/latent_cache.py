@@ -27,7 +27,7 @@ READ_TASKS = 2  # parquet read tasks in flight: they ask for no CPU, so nothing 
 
 def model_hash(base: str, revision: str | None, options: PreprocessOptions) -> str:
     """Identity of (encoder weights, preprocessing): local weights are hashed by content."""
-    from icd.models.loading import COMPONENTS, download_s3_model
+    from icd.models.loading import COMPONENTS, SDXL_COMPONENTS, download_s3_model
     from icd.models.toy import TOY_BASE_DIR
     from icd.storage import is_s3_uri
 
@@ -35,7 +35,7 @@ def model_hash(base: str, revision: str | None, options: PreprocessOptions) -> s
                                         repr(options.sample_filter)]).encode())
     local = TOY_BASE_DIR if base == "toy" else download_s3_model(base) if is_s3_uri(base) else Path(base)
     if local.is_dir():
-        for component in COMPONENTS[1:]:  # the VAE and the text encoder make the cache
+        for component in (*COMPONENTS[1:], *SDXL_COMPONENTS):  # the VAE and the text encoder(s) make the cache
             for f in sorted((local / component).glob("*")):
                 digest.update(f.name.encode())
                 digest.update(f.read_bytes())
@@ -55,7 +55,9 @@ class LatentEncoder:
         pixels = to_model_range(torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
         ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).to(self.bundle.device)
         latents = self.bundle.encode_images(pixels).float().cpu().numpy()
-        hidden = self.bundle.encode_token_ids(ids).float().cpu().numpy()  # SDXL: its packed context
+        sizes = batch.get("size_ids")
+        sizes = None if sizes is None else torch.from_numpy(np.ascontiguousarray(sizes)).to(self.bundle.device)
+        hidden = self.bundle.encode_token_ids(ids, sizes).float().cpu().numpy()  # SDXL: its packed context
         return {"key": batch["key"], "caption": batch["caption"], "input_ids": batch["input_ids"],
                 "latents": latents, "encoder_hidden_states": hidden}
 

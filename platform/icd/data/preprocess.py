@@ -103,6 +103,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
                     rng: np.random.Generator | None = None) -> np.ndarray:
     """Resize the short side to ``resolution`` (bicubic, antialiased), crop a square; uint8 (H, W, 3)."""
+    return resize_and_crop_with_origin(image, resolution, crop, rng)[0]
+
+
+def resize_and_crop_with_origin(image: Image.Image, resolution: int, crop: str = "center",
+                                rng: np.random.Generator | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`resize_and_crop` and the crop's (top, left) in the resized image: SDXL's crop conditioning."""
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -117,7 +123,16 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
         raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8)
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8), (top, left)
+
+
+def original_size(meta: dict, decoded: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the picture before anything resized it: img2dataset's ``original_height`` /
+    ``original_width`` when it resized on download, else the decoded image's (``decoded`` = (width, height))."""
+    width, height = meta.get("original_width"), meta.get("original_height")
+    if isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0:
+        return int(height), int(width)
+    return decoded[1], decoded[0]
 
 
 def to_chw(pixels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from pyarrow import fs as pafs
 
-from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, resize_and_crop, to_chw
+from icd.data.preprocess import BadSample, SampleFilter, decode_rgb, original_size, resize_and_crop_with_origin, to_chw
 from icd.data.scheduling import register_idle_backoff
 from icd.data.shards import iter_tar_samples
 from icd.storage import S3Settings, filesystem_for
@@ -145,8 +145,12 @@ class Preprocessor:
         self.tokenizer = offline_clip_tokenizer()
         self.counter = counter(options.counter_name) if options.counter_name else None
 
-    def example(self, key: str, image: bytes | None, caption: str | None, meta: dict) -> np.ndarray:
-        """One sample to uint8 (3, H, W) pixels, or raise `BadSample`."""
+    def example(self, key: str, image: bytes | None, caption: str | None, meta: dict) -> tuple[np.ndarray, list[int]]:
+        """One sample to uint8 (3, H, W) pixels and its size ids, or raise `BadSample`.
+
+        Size ids: (original height, original width, crop top, crop left), SDXL's micro-conditioning
+        (with the target size, the resolution, they are its ``time_ids``); other models ignore them.
+        """
         if meta.get("_status"):
             raise BadSample(meta["_status"])
         opts = self.options
@@ -155,13 +159,16 @@ class Preprocessor:
         opts.sample_filter.check_size(*rgb.size)
         # The crop of a given key is the same on every run and worker.
         rng = np.random.default_rng([opts.seed, zlib.crc32(key.encode())]) if opts.crop == "random" else None
-        return to_chw(resize_and_crop(rgb, opts.resolution, opts.crop, rng))
+        pixels, (top, left) = resize_and_crop_with_origin(rgb, opts.resolution, opts.crop, rng)
+        return to_chw(pixels), [*original_size(meta, rgb.size), top, left]
 
     def __call__(self, batch: dict) -> dict:
-        keys, pixels, captions, bad = [], [], [], Counter()
+        keys, pixels, sizes, captions, bad = [], [], [], [], Counter()
         for key, image, caption, meta in zip(batch["key"], batch["image"], batch["caption"], batch["meta"]):
             try:
-                pixels.append(self.example(key, image, caption, json.loads(meta) if meta else {}))
+                example, size_ids = self.example(key, image, caption, json.loads(meta) if meta else {})
+                pixels.append(example)
+                sizes.append(size_ids)
             except BadSample as exc:
                 bad[exc.reason] += 1
                 continue
@@ -176,7 +183,7 @@ class Preprocessor:
                else np.zeros((0, self.tokenizer.model_max_length), dtype=np.int64))
         return {"key": np.array(keys, dtype=object), "caption": np.array(captions, dtype=object),
                 "pixels": np.stack(pixels) if pixels else np.zeros((0, 3, resolution, resolution), np.uint8),
-                "input_ids": ids.astype(np.int64)}
+                "input_ids": ids.astype(np.int64), "size_ids": np.array(sizes, dtype=np.int64).reshape(-1, 4)}
 
 
 class ShardPreprocessor(Preprocessor):

@@ -172,8 +172,12 @@ class ModelBundle:
         with torch.inference_mode(False):
             return self.encode_token_ids(self.tokenize(prompts)).to(self.dtype)
 
-    def encode_token_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode_token_ids(self, ids: torch.Tensor, size_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The context for ``tokenizer``'s ids (B, 77): what `encode_prompts` returns for those prompts.
+
+        ``size_ids`` (B, 4): each image's original (height, width) and crop (top, left), from the data
+        (`icd.data.reader`); SDXL then conditions on them with the target size `resolution`, as its
+        training did. None: every image as an uncropped square at `resolution`. Ignored by SD1.5.
 
         SDXL as diffusers' SDXL pipelines encode: both encoders' penultimate hidden states side by
         side, the second's projected pooled output, zeros for "" under ``force_zeros_for_empty_prompt``
@@ -194,7 +198,10 @@ class ModelBundle:
             hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         r = self.resolution
-        return conditioning.pack(hidden, pooled, conditioning.size_time_ids((r, r), (0, 0), (r, r)))
+        if size_ids is None:
+            return conditioning.pack(hidden, pooled, conditioning.size_time_ids((r, r), (0, 0), (r, r)))
+        target = torch.tensor([r, r], dtype=torch.float32, device=size_ids.device).expand(len(size_ids), 2)
+        return conditioning.pack(hidden, pooled, torch.cat([size_ids.float(), target], dim=1))
 
     def unconditional_like(self, context: torch.Tensor, uncond: torch.Tensor | None = None,
                            pooled_from_context: bool = False) -> torch.Tensor:

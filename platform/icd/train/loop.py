@@ -30,7 +30,7 @@ from icd.train.optimization import build_optimizer
 from icd.train.progress import eta_s, progress_line
 from icd.train.stages import build_stage_model, export_stage
 
-NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids"]}
+NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids", "size_ids"]}
 
 
 def per_worker_batch(global_batch_size: int, world_size: int) -> int:

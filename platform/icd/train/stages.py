@@ -185,7 +185,9 @@ class StageModel:
         from icd.data.preprocess import to_model_range
 
         latents = self.bundle.encode_images(to_model_range(batch["pixels"]).to(device))
-        hidden = self.bundle.encode_token_ids(batch["input_ids"].to(device).long())
+        sizes = batch.get("size_ids")
+        hidden = self.bundle.encode_token_ids(batch["input_ids"].to(device).long(),
+                                              None if sizes is None else sizes.to(device))
         return latents, hidden.to(dtype)
 
     def export(self, directory: Path) -> None:
