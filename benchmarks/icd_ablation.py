@@ -43,6 +43,9 @@ OPTIONS = {
     "jump_unguided": [*BEFORE, "method.preservation_clean_end=jump", "method.reverse_guidance_scales=[0]"],
     "jump_mostly_unguided": [*BEFORE, "method.preservation_clean_end=jump",
                              "method.reverse_guidance_scales=[0,0,0,0,7]"],
+    # hypotheses 5 and the EMA target, on top of the preset as it is now (the winner of the above)
+    "preset_sampler_convs": [SAMPLER_CONVS],
+    "preset_ema": ["method.target_ema_decay=0.95"],
 }
 
 

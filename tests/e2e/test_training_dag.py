@@ -109,7 +109,12 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, lock], env=env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        assert holder.stdout.readline().strip() == "holding"
+        seen = []  # Ray's connection lines come first
+        for line in holder.stdout:
+            seen.append(line)
+            if line.strip() == "holding":
+                break
+        assert seen and seen[-1].strip() == "holding", "".join(seen)[-3000:]
         twin = ("--set", "tracking.registered_model=icd-toy-twin", "--stages", "evaluate_cycle,register")
         command = [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_icd.py",
                    "--config", "jobs/configs/toy.yaml", "--run", RUN, "--eval-count", "16",

@@ -27,7 +27,8 @@ def png_b64(size=(40, 24), color=(220, 40, 40)) -> str:
 
 @pytest.fixture(scope="module")
 def registered(stack, released_checkpoints, tmp_path_factory):
-    """Versions 1 (4 steps, [259, 519, 779, 999]) and 2 (3 steps) of one registered model."""
+    """Versions 1 (4 steps, [259, 519, 779, 999]) and 2 (3 steps) of one registered model; 3: an iCD-XL release
+    (SDXL-shaped files on an SDXL-architecture base)."""
     saved = dict(os.environ)
     os.environ.update({k: v for k, v in stack.client_env().items() if not k.startswith("RAY_")})
     files = released_checkpoints
@@ -45,6 +46,12 @@ def registered(stack, released_checkpoints, tmp_path_factory):
         release = prepare_release(teacher, reverse, forward, str(files.base), tmp_path_factory.mktemp(steps),
                                   cache_dir=tmp_path_factory.mktemp("cache"))
         versions[steps] = register_release(release, config, NAME)["version"]
+    from release_checkpoints import build_released_xl_checkpoints
+
+    xl = build_released_xl_checkpoints(tmp_path_factory.mktemp("xl"))
+    release = prepare_release(str(xl.teacher), str(xl.reverse), str(xl.forward), str(xl.base),
+                              tmp_path_factory.mktemp("xl-out"), cache_dir=tmp_path_factory.mktemp("cache"))
+    versions["xl"] = register_release(release, config, NAME)["version"]
     tags = mlflow.MlflowClient().get_model_version(NAME, str(versions["3steps"])).tags
     assert tags["icd.source.reverse"] == sources["3steps"][1]
     assert tags["icd.source.reverse.sha256"] == hashlib.sha256(files.reverse("3steps").read_bytes()).hexdigest()
@@ -64,7 +71,7 @@ def test_an_imported_release_is_served_like_a_trained_model(registered, stack, l
     body = {"image": png_b64(), "source_prompt": "a red circle on a blue background",
             "target_prompt": "a green circle on a blue background"}
     try:
-        for steps, nfe in (("4steps_1", 8), ("3steps", 6)):  # 4 + 4 and 3 + 3 UNet passes
+        for steps, nfe in (("4steps_1", 8), ("3steps", 6), ("xl", 8)):  # 4 + 4 and 3 + 3 UNet passes
             serve.run(build_app({"model_uri": f"models:/{NAME}/{registered[steps]}"}), name="icd-release",
                       route_prefix="/")
             info = requests.get(f"{url}/v1/models", timeout=60).json()
