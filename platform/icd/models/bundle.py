@@ -134,10 +134,9 @@ class ModelBundle:
 
     # --- encoders -------------------------------------------------------------------
 
-    def tokenize(self, prompts: list[str], tokenizer=None) -> torch.Tensor:
-        tokenizer = tokenizer or self.tokenizer
-        return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
