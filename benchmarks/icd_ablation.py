@@ -46,6 +46,11 @@ OPTIONS = {
     # hypotheses 5 and the EMA target, on top of the preset as it is now (the winner of the above)
     "preset_sampler_convs": [SAMPLER_CONVS],
     "preset_ema": ["method.target_ema_decay=0.95"],
+    "preset_step_per_term": ["train.icd.step_per_term=true"],  # hypothesis 4: the official code's four steps
+    # pure consistency distillation (the paper table's icd2/3/4 rows), and whether an EMA target holds it
+    "preset_no_preservation": ["method.lambda_forward=0", "method.lambda_reverse=0"],
+    "preset_no_preservation_ema": ["method.lambda_forward=0", "method.lambda_reverse=0",
+                                   "method.target_ema_decay=0.95"],
 }
 
 
@@ -129,6 +134,7 @@ def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_c
     optimizer, schedule = build_optimizer(trainable.values(), stage_config)
     order = torch.Generator().manual_seed(config.seed)
     batch, steps, start = stage_config.global_batch_size, max(checkpoints), time.time()
+    terms = model.objective.term_names() if stage_config.step_per_term else None
     permutation, cursor = torch.randperm(len(latents), generator=order), 0
     for step in range(steps + 1):
         if step in checkpoints:
@@ -140,7 +146,7 @@ def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_c
         index = permutation[cursor:cursor + batch]
         cursor += batch
         out, _ = train_step(model.objective, latents[index], hidden[index], step_generator(config.seed, 0, step),
-                            optimizer, trainable, stage_config.grad_clip, schedule, model.target)
+                            optimizer, trainable, stage_config.grad_clip, schedule, model.target, terms=terms)
         if (step + 1) % 20 == 0:
             losses = " ".join(f"{k} {v.item():.4f}" for k, v in out.items() if k != "loss")
             say(f"  {stage} step {step + 1}/{steps} ({(time.time() - start) / (step + 1):.2f} s/step) {losses}")

@@ -167,6 +167,9 @@ class StageConfig(_Section):
     lr_warmup_steps: int = Field(0, ge=0, description="linear ramp from 0 to lr over this many steps")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # One optimizer step per loss term in turn (icd: reverse CD, forward CD, Lf, Lr), each clipped
+    # over the adapter it trains, as the official iCD training does; false: one step on their sum.
+    step_per_term: bool = False
     global_batch_size: int = Field(512, ge=1)
     lora: bool = True
     log_every: int = Field(10, ge=1)

@@ -548,3 +548,48 @@ def test_cycle_runs_its_frozen_decoder_fused_with_the_same_loss_and_gradients():
     norm = sum(grads_u[n].pow(2).sum() for n in grads_u).sqrt()
     assert worst <= 1e-2 * scale and difference <= 1e-2 * norm, (worst, scale, (difference / norm).item())
     assert fused.decoder.unet is not bundle.unet and not any(p.requires_grad for p in fused.decoder.unet.parameters())
+
+
+def adapter_of(name: str) -> str | None:
+    return next((a for a in (FORWARD, REVERSE) if f".{a}." in name), None)
+
+
+@pytest.mark.parametrize("term, adapter", [("cd_reverse", REVERSE), ("cd_forward", FORWARD),
+                                           ("preservation_forward", FORWARD), ("preservation_reverse", REVERSE)])
+def test_each_icd_term_alone_has_gradients_on_its_own_adapter_only(chain, term, adapter):
+    config, results = chain
+    model = build_stage_model("icd", config, results["cfg_distill"]["manifest"])
+    trainable = model.trainable_parameters()
+    latents, context = fixed_batch(model, 4)
+    out = model.objective(latents, context, torch.Generator().manual_seed(0), term=term)
+    out["loss"].backward()
+    with_grad = {adapter_of(n) for n, p in trainable.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {adapter}
+    weight = getattr(config.method, f"lambda_{term.removeprefix('preservation_')}") if "preservation" in term else 1
+    assert torch.allclose(out["loss"].detach(), weight * out[term])
+
+
+def test_step_per_term_takes_one_optimizer_step_per_term(chain):
+    from icd.train.loop import train_step
+    from icd.train.optimization import build_optimizer
+
+    config, results = chain
+    steps_taken = {}
+    for per_term in (False, True):
+        torch.manual_seed(0)
+        model = build_stage_model("icd", config, results["cfg_distill"]["manifest"])
+        trainable = model.trainable_parameters()
+        optimizer, schedule = build_optimizer(trainable.values(), config.train.icd)
+        latents, context = fixed_batch(model, 4)
+        terms = model.objective.term_names() if per_term else None
+        out, norm = train_step(model.objective, latents, context, torch.Generator().manual_seed(0), optimizer,
+                               trainable, 1.0, schedule, terms=terms)
+        steps_taken[per_term] = {adapter_of(n): int(optimizer.state[p]["step"]) for n, p in trainable.items()}
+        assert norm.ndim == 0 and float(norm) > 0
+        assert {"cd_reverse", "cd_forward", "preservation_forward", "preservation_reverse"} <= set(out)
+        assert schedule.last_epoch == 1  # the schedule advances once per training step either way
+    assert steps_taken[False] == {FORWARD: 1, REVERSE: 1}
+    # reverse CD then Lr on the reverse adapter, forward CD then Lf on the forward one
+    assert steps_taken[True] == {FORWARD: 2, REVERSE: 2}
+    assert model.objective.term_names() == ["cd_reverse", "cd_forward", "preservation_forward",
+                                            "preservation_reverse"]

@@ -54,25 +54,38 @@ def autocast_for(config: Config, device: torch.device):
 
 def train_step(objective, latents: torch.Tensor, hidden: torch.Tensor, generator: torch.Generator, optimizer,
                trainable: dict[str, torch.nn.Parameter], grad_clip: float, lr_schedule, target=None,
-               scaler: torch.amp.GradScaler | None = None, autocast=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimizer step of a stage: loss, backward, clip, step, LR schedule, EMA target. Returns (losses, grad norm).
+               scaler: torch.amp.GradScaler | None = None, autocast=None, terms: list[str] | None = None
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One training step of a stage: loss, backward, clip, step, LR schedule, EMA target. Returns (losses, grad norm).
+
+    With ``terms`` (``train.<stage>.step_per_term``) each named loss term takes its own optimizer
+    step in turn, clipped over the parameters it has gradients for (one adapter: the official iCD
+    code's per-model clip), as the official training does; the grad norm returned is then the
+    largest term's. The LR schedule and the EMA target advance once per step either way.
 
     The Ray Train loop and the in-process benchmarks (`benchmarks/icd_ablation.py`) share it, so
     what a benchmark measures is what a stage trains. ``autocast`` wraps the forward pass only.
     """
     scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
-    with autocast or contextlib.nullcontext():
-        out = objective(latents, hidden, generator)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(out["loss"]).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    parts, norms = {}, []
+    for term in terms or [None]:
+        with autocast or contextlib.nullcontext():
+            out = objective(latents, hidden, generator) if term is None else objective(latents, hidden, generator,
+                                                                                         term=term)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        scaler.unscale_(optimizer)
+        # parameters without a gradient (the other adapter, in a per-term step) are left out of the norm
+        norms.append(torch.nn.utils.clip_grad_norm_(list(trainable.values()), grad_clip))
+        scaler.step(optimizer)  # AdamW skips parameters whose grad is None
+        scaler.update()
+        parts.update({k: v for k, v in out.items() if k != "loss"} if term is not None else out)
+        if term is not None:
+            parts["loss"] = parts.get("loss", 0.0) + out["loss"].detach()
     lr_schedule.step()
     if target is not None:
         target.update()
-    return out, grad_norm
+    return parts, torch.stack(norms).max()
 
 
 def _failure_drill(drill: dict | None, rank: int, step: int) -> None:
@@ -107,7 +120,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, trainable, optimizer, rank, model.target, lr_schedule)
         state.resumed_from.append(state.step)
-    objective = ray.train.torch.prepare_model(model.objective)  # DDP (gloo on CPU, nccl on GPU) when world > 1
+    terms = model.objective.term_names() if stage_config.step_per_term else None
+    # DDP (gloo on CPU, nccl on GPU) when world > 1; a per-term step leaves the other adapter unused
+    objective = ray.train.torch.prepare_model(
+        model.objective, parallel_strategy_kwargs={"find_unused_parameters": True} if terms else None)
 
     logger = None
     if rank == 0 and loop_config.get("mlflow"):
@@ -135,7 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             latents, hidden = model.encode_batch(batch)
             out, grad_norm = train_step(objective, latents, hidden, step_generator(config.seed, rank, state.step),
                                         optimizer, trainable, stage_config.grad_clip, lr_schedule, model.target,
-                                        scaler, autocast_for(config, device))
+                                        scaler, autocast_for(config, device), terms)
             state.step += 1
             window["steps"] += 1
             if timed["start"] is None:

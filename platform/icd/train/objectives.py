@@ -213,7 +213,13 @@ class CFGDistillObjective(torch.nn.Module):
         with self.bundle.adapter(None):  # no timestep_cond: the w-embedding is not part of the teacher
             return self.unet(x, t, timestep_cond=None, **self.bundle.unet_kwargs(context)).sample
 
-    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def term_names(self) -> list[str]:
+        return ["cfg_distill"]
+
+    def forward(self, latents, context, generator: torch.Generator | None = None,
+                term: str | None = None) -> dict[str, torch.Tensor]:
+        if term not in (None, "cfg_distill"):
+            raise ValueError(f"unknown loss term {term!r}; expected 'cfg_distill'")
         b, num_t = latents.shape[0], len(self.bundle.alphas_cumprod)
         t = _uniform(num_t, b, generator).to(latents.device)
         w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
@@ -265,7 +271,38 @@ class ICDObjective(torch.nn.Module):
         return term(self.bundle, x0, context, segment, _noise(x0, generator), _noise(x0, generator),
                     self.boundaries, self.method.huber_c, self.method.preservation_clean_end)
 
-    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def term_names(self) -> list[str]:
+        """The loss terms in the official code's order of steps (`train.<stage>.step_per_term`)."""
+        names = ["cd_reverse", "cd_forward"]
+        if self.method.lambda_forward:
+            names.append("preservation_forward")
+        if self.method.lambda_reverse:
+            names.append("preservation_reverse")
+        return names
+
+    def single_term(self, name: str, x0, context, generator) -> tuple[float, torch.Tensor]:
+        """(coefficient, value) of one loss term, with its own draws."""
+        b, m = x0.shape[0], self.method
+        if name == "cd_reverse":
+            t = self.reverse_grid[_uniform(len(self.reverse_grid), b, generator)].to(x0.device)
+            w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
+            return 1.0, reverse_consistency_term(self.bundle, x0, context, t, w, _noise(x0, generator),
+                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE])
+        if name == "cd_forward":
+            t = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(x0.device)
+            return 1.0, forward_consistency_term(self.bundle, x0, context, t, _noise(x0, generator),
+                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD])
+        if name in ("preservation_forward", "preservation_reverse"):
+            which = name.removeprefix("preservation_")
+            return getattr(m, f"lambda_{which}"), self.preservation_term(which, x0, context, generator)
+        raise ValueError(f"unknown loss term {name!r}; expected one of {self.term_names()}")
+
+    def forward(self, latents, context, generator: torch.Generator | None = None,
+                term: str | None = None) -> dict[str, torch.Tensor]:
+        """The summed loss, or with ``term`` that one term alone (its coefficient applied)."""
+        if term is not None:
+            weight, value = self.single_term(term, latents, context, generator)
+            return {"loss": weight * value, term: value.detach()}
         parts = self.consistency_terms(latents, context, generator)
         loss = parts["cd_reverse"] + parts["cd_forward"]
         if self.method.lambda_forward:
@@ -310,7 +347,21 @@ class CycleObjective(ICDObjective):
                                          _noise(x0, generator), self.boundaries, self.method.huber_c,
                                          self.method.preservation_clean_end, self.decoder)
 
-    def forward(self, latents, context, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def term_names(self) -> list[str]:
+        return ["cycle", "cd_forward", *(["preservation_forward"] if self.method.lambda_forward else [])]
+
+    def single_term(self, name: str, x0, context, generator) -> tuple[float, torch.Tensor]:
+        if name == "cycle":
+            return 1.0, cycle_term(self.bundle, self.lpips, x0, context, self.boundaries, generator, self.decoder)
+        if name == "preservation_reverse":
+            raise ValueError("the cycle stage trains the forward model only: Lr does not apply")
+        return super().single_term(name, x0, context, generator)
+
+    def forward(self, latents, context, generator: torch.Generator | None = None,
+                term: str | None = None) -> dict[str, torch.Tensor]:
+        if term is not None:
+            weight, value = self.single_term(term, latents, context, generator)
+            return {"loss": weight * value, term: value.detach()}
         b, m = latents.shape[0], self.method
         t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(latents.device)
         parts = {
