@@ -593,3 +593,23 @@ def test_step_per_term_takes_one_optimizer_step_per_term(chain):
     assert steps_taken[True] == {FORWARD: 2, REVERSE: 2}
     assert model.objective.term_names() == ["cd_reverse", "cd_forward", "preservation_forward",
                                             "preservation_reverse"]
+
+
+def test_cycle_step_per_term_steps_the_forward_adapter_once_per_term(chain):
+    from icd.train.loop import train_step
+    from icd.train.optimization import build_optimizer
+
+    config, results = chain
+    model = build_stage_model("cycle", config, results["icd"]["manifest"])
+    trainable = model.trainable_parameters()
+    optimizer, schedule = build_optimizer(trainable.values(), config.train.cycle)
+    latents, context = fixed_batch(model, 2)
+    terms = model.objective.term_names()
+    assert terms == ["cycle", "cd_forward", "preservation_forward"]
+    out, _ = train_step(model.objective, latents, context, torch.Generator().manual_seed(0), optimizer, trainable,
+                        1.0, schedule, terms=terms)
+    assert {adapter_of(n) for n in trainable} == {FORWARD}
+    assert {int(optimizer.state[p]["step"]) for p in trainable.values()} == {3}
+    assert set(terms) <= set(out)
+    with pytest.raises(ValueError, match="Lr does not apply"):
+        model.objective(latents, context, None, term="preservation_reverse")
