@@ -1,5 +1,5 @@
-"""The three stages as `ray job submit` jobs on the stack: 2 CPU workers (DDP over gloo),
-checkpoints in S3, a worker killed mid-run, a finished stage submitted again."""
+"""The three stages as `ray job submit` jobs on the stack: 2 CPU workers (DDP over gloo, icd with one
+optimizer step per loss term), checkpoints in S3, a worker killed mid-run, a finished stage submitted again."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ SETTINGS = [
     "train.icd.global_batch_size=16", "train.icd.lr=1e-3", "train.icd.lr_scheduler=cosine",
     "train.cycle.global_batch_size=4",
     "method.target_ema_decay=0.95",  # the EMA target must survive the worker loss too
+    # sd15's form: one step per term, so DDP sees the other adapter unused in every backward
+    "train.icd.step_per_term=true",
     *[f"train.{stage}.{key}={value}" for stage, steps in STEPS.items()
       for key, value in (("steps", steps), ("checkpoint_every", 20 if stage == "cfg_distill" else 2),
                          ("log_every", 1), ("images_every", steps))],
@@ -111,6 +113,14 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
     last = f"{stack_env.bucket}/checkpoints/{RUN}/icd-{icd['identity']}/{kept[-1]}"
     files = {info.base_name for info in s3_filesystem().get_file_info(FileSelector(last))}
     assert {"trainable.safetensors", "target.safetensors", "optimizer.pt", "scheduler.pt", "state.json"} <= files
+    # step_per_term: each adapter took two AdamW steps per training step (CD, then Lf or Lr), across the resume
+    import io
+
+    import torch
+
+    with s3_filesystem().open_input_stream(f"{last}/optimizer.pt") as stream:
+        adam = torch.load(io.BytesIO(stream.read()), weights_only=True)
+    assert {int(state["step"]) for state in adam["state"].values()} == {2 * STEPS["icd"]}
     # the learning rate logged after each step is one cosine curve: steps 1-4 before the kill, 5-12 after
     # (rank 0 may log step 5 before it notices worker 1 is gone: then step 5 appears twice)
     logged = client.get_metric_history(run.info.run_id, "lr")
