@@ -70,8 +70,7 @@ def train_step(objective, latents: torch.Tensor, hidden: torch.Tensor, generator
     parts, norms = {}, []
     for term in terms or [None]:
         with autocast or contextlib.nullcontext():
-            out = objective(latents, hidden, generator) if term is None else objective(latents, hidden, generator,
-                                                                                         term=term)
+            out = objective(latents, hidden, generator, term=term)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out["loss"]).backward()
         scaler.unscale_(optimizer)

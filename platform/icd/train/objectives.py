@@ -297,12 +297,16 @@ class ICDObjective(torch.nn.Module):
             return getattr(m, f"lambda_{which}"), self.preservation_term(which, x0, context, generator)
         raise ValueError(f"unknown loss term {name!r}; expected one of {self.term_names()}")
 
+    def term_loss(self, term: str, latents, context, generator) -> dict[str, torch.Tensor]:
+        """One term alone as a loss (its coefficient applied), for a per-term optimizer step."""
+        weight, value = self.single_term(term, latents, context, generator)
+        return {"loss": weight * value, term: value.detach()}
+
     def forward(self, latents, context, generator: torch.Generator | None = None,
                 term: str | None = None) -> dict[str, torch.Tensor]:
-        """The summed loss, or with ``term`` that one term alone (its coefficient applied)."""
+        """The summed loss, or with ``term`` that one term alone (`term_loss`)."""
         if term is not None:
-            weight, value = self.single_term(term, latents, context, generator)
-            return {"loss": weight * value, term: value.detach()}
+            return self.term_loss(term, latents, context, generator)
         parts = self.consistency_terms(latents, context, generator)
         loss = parts["cd_reverse"] + parts["cd_forward"]
         if self.method.lambda_forward:
@@ -360,8 +364,7 @@ class CycleObjective(ICDObjective):
     def forward(self, latents, context, generator: torch.Generator | None = None,
                 term: str | None = None) -> dict[str, torch.Tensor]:
         if term is not None:
-            weight, value = self.single_term(term, latents, context, generator)
-            return {"loss": weight * value, term: value.detach()}
+            return self.term_loss(term, latents, context, generator)
         b, m = latents.shape[0], self.method
         t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(latents.device)
         parts = {
