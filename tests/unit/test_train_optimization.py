@@ -95,3 +95,11 @@ def test_a_schedule_changes_the_stage_identity_and_the_default_keeps_older_ones(
         # what the toy trained with then; fields added since, at these values, are not hashed
         "method.preservation_clean_end=renoise", "method.reverse_guidance_scales=null", "model.lora_init=gaussian"])
     assert stage_identity(older, "icd") == "72cb281ebc5b"
+
+
+def test_step_per_term_is_hashed_only_when_on():
+    base = load_config("jobs/configs/toy.yaml")
+    per_term = load_config("jobs/configs/toy.yaml", ["train.icd.step_per_term=true"])
+    assert stage_identity(base, "icd") != stage_identity(per_term, "icd")
+    assert stage_identity(base, "cycle") != stage_identity(per_term, "cycle")  # through its icd input
+    assert stage_identity(base, "cfg_distill") == stage_identity(per_term, "cfg_distill")
