@@ -12,8 +12,11 @@ Step 0 is the zero-initialised adapters (the teacher's own DDIM jumps between th
 a trained model must beat it. Each option is a list of ``--set`` overrides on top of --config;
 "before" pins the settings the stage had before this comparison, so the table stays
 reproducible when defaults move. Last line: {"<option>": {"<step>": {"psnr": mean over seeds,
-"mse": ..., "caption_accuracy": ..., "inplace_success": ..., "shape_iou": ..., "psnr_by_seed": [...]}, ...}, ...}
-(in place and shape IoU: prompt-switch colour edits at the editing guidance, icd.evaluation.editing).
+"mse": ..., "caption_accuracy": ..., "inplace_success": ..., "shape_iou": ..., "decoder_error": [...],
+"encoder_error": [...], "psnr_by_seed": [...]}, ...}, ...} (in place and shape IoU: prompt-switch colour edits at
+the editing guidance, icd.evaluation.editing; decoder / encoder error: each segment's jump against the teacher's
+ODE, icd.evaluation.ode_fidelity, decoder 999 -> 779 first, encoder 19 -> 259 first; the chain errors: all
+four jumps of each, from the ODE's end).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def evaluate(bundle, config, images, captions) -> dict:
     from icd.diffusion import samplers
     from icd.diffusion.boundaries import Boundaries
     from icd.evaluation.editing import editing_metrics
+    from icd.evaluation.ode_fidelity import segment_errors
     from icd.evaluation.reconstruction import consistency_reconstructor, reconstruction_metrics
     from icd.evaluation.report import generation_metrics
 
@@ -113,10 +117,16 @@ def evaluate(bundle, config, images, captions) -> dict:
                 return samplers.edit(bundle, sources, targets, boundaries, images=batch, guidance=config.editing.guidance,
                                      tau=config.editing.tau, generator=torch.Generator().manual_seed(0)).images
             edits = editing_metrics(edit, images, captions)
+            latents = bundle.encode_images(images)
+            context = bundle.encode_prompts(captions)
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+            ode = segment_errors(bundle, latents, context, boundaries, config.method.teacher_step, noise)
     finally:
         bundle.unet.train()
     return {"psnr": recon["psnr"], "mse": recon["mse"], **generation,
-            "inplace_success": edits["inplace_success"], "shape_iou": edits["shape_iou"]}
+            "inplace_success": edits["inplace_success"], "shape_iou": edits["shape_iou"],
+            "decoder_error": ode["decoder"], "encoder_error": ode["encoder"],
+            "decoder_chain_error": ode["decoder_chain"], "encoder_chain_error": ode["encoder_chain"]}
 
 
 def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_checkpoint, say) -> object:
@@ -211,7 +221,10 @@ def main() -> None:
                 table.setdefault(name, {}).setdefault(str(step), []).append(result)
                 say(f"{name:16s} seed {seed} step {step:4d}: psnr {result['psnr']:.2f} dB  mse {result['mse']:.4f}  "
                     f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}  "
-                    f"in place {result['inplace_success']:.3f}  shape IoU {result['shape_iou']:.3f}")
+                    f"in place {result['inplace_success']:.3f}  shape IoU {result['shape_iou']:.3f}  "
+                    f"ODE error decoder {' '.join(f'{e:.4f}' for e in result['decoder_error'])}  "
+                    f"encoder {' '.join(f'{e:.4f}' for e in result['encoder_error'])}  "
+                    f"chains: decoder {result['decoder_chain_error']:.4f} encoder {result['encoder_chain_error']:.4f}")
 
             model = train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints,
                           on_checkpoint, say)
@@ -231,7 +244,10 @@ def main() -> None:
     summary = {name: {step: {"psnr": round(sum(r["psnr"] for r in rows) / len(rows), 2),
                              "mse": round(sum(r["mse"] for r in rows) / len(rows), 4),
                              **{k: round(sum(r[k] for r in rows) / len(rows), 3)
-                                for k in ("caption_accuracy", "inplace_success", "shape_iou")},
+                                for k in ("caption_accuracy", "inplace_success", "shape_iou", "decoder_chain_error",
+                                          "encoder_chain_error")},
+                             **{k: [round(sum(r[k][i] for r in rows) / len(rows), 4) for i in range(len(rows[0][k]))]
+                                for k in ("decoder_error", "encoder_error")},
                              "psnr_by_seed": [round(r["psnr"], 2) for r in rows]}
                       for step, rows in steps.items()}
                for name, steps in table.items()}
