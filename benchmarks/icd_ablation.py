@@ -54,6 +54,10 @@ OPTIONS = {
     "preset_no_preservation": ["method.lambda_forward=0", "method.lambda_reverse=0"],
     "preset_no_preservation_ema": ["method.lambda_forward=0", "method.lambda_reverse=0",
                                    "method.target_ema_decay=0.95"],
+    # the consistency distance in epsilon units: the decoder's first segment has ~3x its last one's gain
+    "preset_no_preservation_eps": ["method.lambda_forward=0", "method.lambda_reverse=0",
+                                   "method.consistency_space=eps"],
+    "preset_eps": ["method.consistency_space=eps"],
 }
 
 

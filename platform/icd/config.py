@@ -92,6 +92,10 @@ class MethodConfig(_Section):
     forward_timesteps: list[int] = Field(default_factory=lambda: [19, 259, 519, 779], min_length=1)
     teacher_step: int = Field(20, ge=1, description="teacher DDIM jump on the 50-step grid")
     huber_c: float = Field(0.001, gt=0)
+    # Where the consistency distance is measured: "latent" (the official code: on the jumped latents) or
+    # "eps" (the latents divided by the jump's gain on epsilon, sigma_s - alpha_s sigma_t / alpha_t, so
+    # that every segment counts in epsilon units; the decoder's first segment has ~3x the gain of its last).
+    consistency_space: Literal["latent", "eps"] = "latent"
     target_ema_decay: float = Field(0.0, ge=0, lt=1, description="consistency target: 0 = the online student "
                                     "without grad; mu = an EMA copy, theta- <- mu theta- + (1 - mu) theta")
     lambda_forward: float = Field(1.5, ge=0)

@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, LatentConsistencyModelPipeline
 from icd.diffusion.boundaries import Boundaries, teacher_timestep
 from icd.diffusion.guidance import cfg_combine, dynamic_guidance, guidance_embedding, guidance_schedule
 from icd.diffusion.schedule import (
-    CLEAN, add_noise, alpha_sigma, ddim_jump_timesteps, predict_x0, scaled_linear_alphas_cumprod,
+    CLEAN, add_noise, alpha_sigma, ddim_jump_timesteps, jump_eps_gain, predict_x0, scaled_linear_alphas_cumprod,
     target_alpha_sigma,
 )
 
@@ -61,6 +61,16 @@ def test_forward_then_backward_jump_is_identity_and_t_equals_s_is_identity():
     back = ddim_jump_timesteps(ACP, up, eps, 519, 259)
     assert torch.allclose(back, x, atol=1e-10)
     assert torch.allclose(ddim_jump_timesteps(ACP, x, eps, 519, 519), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("t, s", [(999, 779), (259, 0), (19, 259), (779, 999)])
+def test_jump_eps_gain_is_the_jumps_derivative_in_eps(t, s):
+    g = torch.Generator().manual_seed(0)
+    x, eps, delta = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, 4, 4, generator=g,
+                                                                                         dtype=torch.float64), 1e-3
+    slope = (ddim_jump_timesteps(ACP, x, eps + delta, t, s) - ddim_jump_timesteps(ACP, x, eps, t, s)) / delta
+    torch.testing.assert_close(slope, torch.full_like(slope, float(jump_eps_gain(ACP, t, s))))
+    assert (float(jump_eps_gain(ACP, t, s)) < 0) == (s < t)  # a decoder jump removes noise
 
 
 def test_per_sample_timesteps_broadcast():

@@ -88,6 +88,52 @@ def test_forward_consistency_term_equals_a_hand_computation(guided_tiny):
     assert got.item() == pytest.approx(huber(student, target), rel=1e-4)
 
 
+def test_eps_space_divides_each_consistency_distance_by_the_students_eps_gain(guided_tiny):
+    bundle = guided_tiny
+    g = torch.Generator().manual_seed(4)
+    x0, noise, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    gain = lambda t, s: ab(-1 if s == 0 else s)[1] - ab(-1 if s == 0 else s)[0] * ab(t)[1] / ab(t)[0]  # noqa: E731
+    # forward: 279 -> 519 as in the latent-space test above
+    a, s = ab(279)
+    x_t = a * x0 + s * noise
+    with bundle.adapter(FORWARD):
+        student = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 519)
+    with bundle.adapter(None):
+        x_299 = jump_by_hand(x_t, bundle.eps(x_t, 279, context, 0.0), 279, 299)
+    with bundle.adapter(FORWARD):
+        target = jump_by_hand(x_299, bundle.eps(x_299, 299, context, 0.0), 299, 519)
+    got = objectives.forward_consistency_term(bundle, x0, context, torch.tensor([279]), noise, DEFAULT, 20, 0.001,
+                                              space="eps")
+    assert got.item() == pytest.approx(huber(student / gain(279, 519), target / gain(279, 519)), rel=1e-4)
+    # reverse on its first segment (999 -> 779), where the gain is about 2.1: the distance shrinks by it
+    t, w = torch.tensor([999]), torch.tensor([0.0])
+    latent = objectives.reverse_consistency_term(bundle, x0, context, t, w, noise, DEFAULT, 20, 0.001)
+    eps = objectives.reverse_consistency_term(bundle, x0, context, t, w, noise, DEFAULT, 20, 0.001, space="eps")
+    assert abs(gain(999, 779)) == pytest.approx(2.095, abs=1e-3)
+    assert 1.5 < latent.item() / eps.item() < 2.2  # pseudo-Huber is ~L1 well above c: about the gain
+    with pytest.raises(ValueError, match="consistency_space"):
+        objectives.distance_scale(bundle, t, t, "pixels")
+
+
+def test_the_objective_measures_consistency_in_the_configured_space(guided_tiny, monkeypatch):
+    seen = []
+    real = objectives.distance_scale
+    monkeypatch.setattr(objectives, "distance_scale", lambda b, t, s, space: seen.append(space) or real(b, t, s, space))
+    x0, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 77, 32)
+    for space in ("latent", "eps"):
+        config = load_config("jobs/configs/toy.yaml", [f"method.consistency_space={space}"])
+        objective = objectives.ICDObjective(guided_tiny, DEFAULT, config.method)
+        objective.consistency_terms(x0, context, torch.Generator().manual_seed(0))
+        for term in ("cd_reverse", "cd_forward"):
+            objective.single_term(term, x0, context, torch.Generator().manual_seed(0))
+    assert seen == ["latent"] * 4 + ["eps"] * 4
+    # identities of models trained before the option existed are unchanged; "eps" trains a different model
+    toy = load_config("jobs/configs/toy.yaml")
+    eps = load_config("jobs/configs/toy.yaml", ["method.consistency_space=eps"])
+    assert stage_identity(toy, "cfg_distill") == stage_identity(eps, "cfg_distill")
+    assert stage_identity(toy, "icd") != stage_identity(eps, "icd")
+
+
 def test_preservation_terms_match_their_definitions_in_the_renoise_form(guided_tiny):
     bundle = guided_tiny
     g = torch.Generator().manual_seed(5)

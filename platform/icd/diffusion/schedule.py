@@ -55,6 +55,13 @@ def ddim_jump_timesteps(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, eps: to
     return ddim_jump(x_t, eps, *alpha_sigma(alphas_cumprod, t), *target_alpha_sigma(alphas_cumprod, s))
 
 
+def jump_eps_gain(alphas_cumprod: torch.Tensor, t, s) -> torch.Tensor:
+    """d x_s / d eps of the DDIM jump t -> s at fixed x_t: sigma_s - alpha_s sigma_t / alpha_t (s == 0: clean)."""
+    alpha_t, sigma_t = alpha_sigma(alphas_cumprod, t)
+    alpha_s, sigma_s = target_alpha_sigma(alphas_cumprod, s)
+    return sigma_s - alpha_s * sigma_t / alpha_t
+
+
 def add_noise(alphas_cumprod: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
     """x_t = alpha_t * x0 + sigma_t * noise (t == 0 still adds sigma_0 ~ 0.029, as SD's add_noise)."""
     alpha, sigma = alpha_sigma(alphas_cumprod, t)

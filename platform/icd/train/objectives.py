@@ -17,7 +17,7 @@ import torch
 
 from icd.diffusion.boundaries import Boundaries, teacher_timestep
 from icd.diffusion.samplers import consistency_decode, consistency_encode
-from icd.diffusion.schedule import add_noise, ddim_jump_timesteps
+from icd.diffusion.schedule import add_noise, ddim_jump_timesteps, jump_eps_gain
 from icd.losses.consistency import consistency_loss
 from icd.losses.cycle import PatchLPIPS, cycle_loss
 from icd.losses.distill import cfg_distillation_loss
@@ -54,11 +54,22 @@ def guidance_distillation_term(student_eps: torch.Tensor, teacher_eps_cond: torc
     return cfg_distillation_loss(student_eps, teacher_eps_cond, teacher_eps_uncond, w)
 
 
+def distance_scale(bundle: ModelBundle, t: torch.Tensor, s: torch.Tensor, space: str) -> torch.Tensor | None:
+    """What the consistency distance divides by (``method.consistency_space``): None on latents, the jump's eps gain."""
+    if space == "latent":
+        return None
+    if space == "eps":
+        return jump_eps_gain(bundle.alphas_cumprod, t, s)
+    raise ValueError(f"method.consistency_space: expected 'latent' or 'eps', got {space!r}")
+
+
 def reverse_consistency_term(bundle: ModelBundle, x0, context, t, w, noise, boundaries: Boundaries,
-                             teacher_step: int, huber_c: float, target: str = REVERSE) -> torch.Tensor:
+                             teacher_step: int, huber_c: float, target: str = REVERSE,
+                             space: str = "latent") -> torch.Tensor:
     """d(f_rev(x_t, t -> s), stopgrad f_target(x_t', t' -> s)), x_t' = guided teacher DDIM step t -> max(t - step, s).
 
-    ``target`` names the adapter of the target network: the student's own or its EMA copy.
+    ``target`` names the adapter of the target network: the student's own or its EMA copy. ``space``: see
+    `distance_scale`.
     """
     x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
     s = boundaries.reverse_boundary(t)
@@ -72,11 +83,12 @@ def reverse_consistency_term(bundle: ModelBundle, x0, context, t, w, noise, boun
         # On the boundary the consistency function is the identity (t' = 0 is the clean sample).
         on_boundary = (t_teacher == s).reshape(-1, *([1] * (x0.dim() - 1)))
         x_target = torch.where(on_boundary, x_teacher, x_target)
-    return consistency_loss(student, x_target, huber_c)
+    return consistency_loss(student, x_target, huber_c, distance_scale(bundle, t, s, space))
 
 
 def forward_consistency_term(bundle: ModelBundle, x0, context, t, noise, boundaries: Boundaries,
-                             teacher_step: int, huber_c: float, target: str = FORWARD) -> torch.Tensor:
+                             teacher_step: int, huber_c: float, target: str = FORWARD,
+                             space: str = "latent") -> torch.Tensor:
     """d(f_fwd(x_t, t -> s), stopgrad f_target(x_t'', t'' -> s)), unguided teacher inversion step t -> min(t + step, s)."""
     x_t = add_noise(bundle.alphas_cumprod, x0, noise, t).to(x0.dtype)
     s = boundaries.forward_boundary(t)
@@ -87,7 +99,7 @@ def forward_consistency_term(bundle: ModelBundle, x0, context, t, noise, boundar
             eps = bundle.eps(x_t, t, context, 0.0)
         x_teacher = ddim_jump_timesteps(bundle.alphas_cumprod, x_t, eps, t, t_teacher).to(x0.dtype)
         x_target = consistency_jump(bundle, target, x_teacher, t_teacher, s, context, 0.0)
-    return consistency_loss(student, x_target, huber_c)
+    return consistency_loss(student, x_target, huber_c, distance_scale(bundle, t, s, space))
 
 
 def segment_ends(boundaries: Boundaries, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,9 +272,11 @@ class ICDObjective(torch.nn.Module):
         t_fwd = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(x0.device)
         return {
             "cd_reverse": reverse_consistency_term(self.bundle, x0, context, t_rev, w, _noise(x0, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE]),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE],
+                                                   m.consistency_space),
             "cd_forward": forward_consistency_term(self.bundle, x0, context, t_fwd, _noise(x0, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD]),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD],
+                                                   m.consistency_space),
         }
 
     def preservation_term(self, which: str, x0, context, generator) -> torch.Tensor:
@@ -287,11 +301,13 @@ class ICDObjective(torch.nn.Module):
             t = self.reverse_grid[_uniform(len(self.reverse_grid), b, generator)].to(x0.device)
             w = self.guidance_scales[_uniform(len(self.guidance_scales), b, generator)]
             return 1.0, reverse_consistency_term(self.bundle, x0, context, t, w, _noise(x0, generator),
-                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE])
+                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[REVERSE],
+                                                 m.consistency_space)
         if name == "cd_forward":
             t = self.forward_grid[_uniform(len(self.forward_grid), b, generator)].to(x0.device)
             return 1.0, forward_consistency_term(self.bundle, x0, context, t, _noise(x0, generator),
-                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD])
+                                                 self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD],
+                                                 m.consistency_space)
         if name in ("preservation_forward", "preservation_reverse"):
             which = name.removeprefix("preservation_")
             return getattr(m, f"lambda_{which}"), self.preservation_term(which, x0, context, generator)
@@ -370,7 +386,8 @@ class CycleObjective(ICDObjective):
         parts = {
             "cycle": cycle_term(self.bundle, self.lpips, latents, context, self.boundaries, generator, self.decoder),
             "cd_forward": forward_consistency_term(self.bundle, latents, context, t_fwd, _noise(latents, generator),
-                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD]),
+                                                   self.boundaries, m.teacher_step, m.huber_c, self.targets[FORWARD],
+                                                   m.consistency_space),
         }
         loss = parts["cycle"] + parts["cd_forward"]
         if m.lambda_forward:

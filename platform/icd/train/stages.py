@@ -42,7 +42,8 @@ GUIDANCE_METHOD_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "guid
 ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "constant",
                ("train", "lr_warmup_steps"): 0, ("method", "preservation_clean_end"): "renoise",
                ("model", "lora_init"): "gaussian", ("method", "reverse_guidance_scales"): None,
-               ("model", "vae"): None, ("train", "step_per_term"): False}
+               ("model", "vae"): None, ("train", "step_per_term"): False,
+               ("method", "consistency_space"): "latent"}
 
 
 def check_stage(stage: str) -> str:
