@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -180,6 +181,9 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=64)
     parser.add_argument("--work", default="/tmp/icd-ablation", help="cache of the data and the cfg_distill output")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pictures", default=None,
+                        help="write the training preview grid (generation, input, reconstruction, edit) of the first "
+                             "8 held-out images at every checkpoint to DIR/<option>-seed<seed>-step<step>.png")
     parser.add_argument("--cycle-steps", type=int, default=0,
                         help="then train cycle this many steps on each final icd model (row '<option>+cycle', "
                              "evaluated at 0, half and all of them; step 0 is its icd input)")
@@ -223,6 +227,10 @@ def main() -> None:
             def on_checkpoint(step, model, name=name, config=config, seed=seed):
                 result = evaluate(model.bundle, config, data["eval_images"], data["eval_captions"])
                 table.setdefault(name, {}).setdefault(str(step), []).append(result)
+                if args.pictures:
+                    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+                    write_picture(Path(args.pictures) / f"{safe}-seed{seed}-step{step}.png", model.bundle, config,
+                                  data["eval_images"][:8], data["eval_captions"][:8])
                 say(f"{name:16s} seed {seed} step {step:4d}: psnr {result['psnr']:.2f} dB  mse {result['mse']:.4f}  "
                     f"caption {result['caption_accuracy']:.3f}  shape {result['shape_accuracy']:.3f}  "
                     f"in place {result['inplace_success']:.3f}  shape IoU {result['shape_iou']:.3f}  "
@@ -256,6 +264,25 @@ def main() -> None:
                       for step, rows in steps.items()}
                for name, steps in table.items()}
     print(json.dumps(summary))
+
+
+def write_picture(path: Path, bundle, config, images, captions) -> None:
+    """The training preview grid of ``images`` (icd.train.previews) as a PNG."""
+    import torch
+    from PIL import Image
+
+    from icd.diffusion.boundaries import Boundaries
+    from icd.train.previews import preview_grid
+
+    bundle.unet.eval()
+    try:
+        with torch.no_grad():
+            grid = preview_grid("icd", bundle, Boundaries.from_config(config.method), bundle.encode_images(images),
+                                captions, config.editing.guidance, config.editing.tau)
+    finally:
+        bundle.unet.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
 
 
 def shapes_data(config, args, cache: Path) -> dict:
