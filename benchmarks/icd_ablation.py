@@ -59,6 +59,10 @@ OPTIONS = {
     "preset_no_preservation_eps": ["method.lambda_forward=0", "method.lambda_reverse=0",
                                    "method.consistency_space=eps"],
     "preset_eps": ["method.consistency_space=eps"],
+    # both of the two that held pure CD nearest its start, together; and the same with the preservation losses
+    "preset_no_preservation_eps_ema": ["method.lambda_forward=0", "method.lambda_reverse=0",
+                                       "method.consistency_space=eps", "method.target_ema_decay=0.95"],
+    "preset_eps_ema": ["method.consistency_space=eps", "method.target_ema_decay=0.95"],
 }
 
 
