@@ -184,6 +184,10 @@ def main() -> None:
     parser.add_argument("--train-count", type=int, default=4096)
     parser.add_argument("--eval-count", type=int, default=64)
     parser.add_argument("--work", default="/tmp/icd-ablation", help="cache of the data and the cfg_distill output")
+    parser.add_argument("--cfg-distill", default=None,
+                        help="start from this cfg_distill output (its directory or manifest, local or s3:// with the "
+                             "stack's environment) instead of training one, e.g. a paper_table run's, to compare "
+                             "this single-process icd stage with the Ray Train one from the same input")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pictures", default=None,
                         help="write the training preview grid (generation, input, reconstruction, edit) of the first "
@@ -211,7 +215,9 @@ def main() -> None:
     data = shapes_data(base, args, work / f"data-{args.train_count}-{args.eval_count}.pt")
 
     paths = StagePaths.of(base, "cfg_distill", "ablation", str(work))
-    cfg_manifest = read_stage_manifest(paths.manifest)
+    cfg_manifest = read_stage_manifest(args.cfg_distill or paths.manifest)
+    if cfg_manifest is None and args.cfg_distill:
+        parser.error(f"--cfg-distill {args.cfg_distill}: no stage manifest there")
     if cfg_manifest is None:
         say(f"cfg_distill: training {args.cfg_steps} steps")
         model = train("cfg_distill", base, None, data["latents"], data["hidden"], [args.cfg_steps],
