@@ -138,8 +138,31 @@ def evaluate(bundle, config, images, captions) -> dict:
             "decoder_chain_error": ode["decoder_chain"], "encoder_chain_error": ode["encoder_chain"]}
 
 
-def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_checkpoint, say) -> object:
-    """Train ``stage`` for max(checkpoints) steps on one rank; ``on_checkpoint(step, model)`` at each checkpoint."""
+class RanksInOneProcess:
+    """The objective as ``ranks`` DDP workers see it, in one process: each rank takes its slice of the
+    global batch with its own draws (`step_generator(seed, rank, step)`), and the mean of the ranks'
+    losses gives DDP's averaged gradient. Isolates what splitting the batch over workers changes from
+    the rest of the Ray Train path."""
+
+    def __init__(self, objective, ranks: int, seed: int):
+        self.objective, self.ranks, self.seed, self.generators = objective, ranks, seed, []
+
+    def begin_step(self, step: int) -> None:
+        """Each rank's draws of this step; a per-term step goes on drawing from them, as on a worker."""
+        from icd.train.loop import step_generator
+
+        self.generators = [step_generator(self.seed, rank, step) for rank in range(self.ranks)]
+
+    def __call__(self, latents, hidden, generator=None, term=None) -> dict:
+        outs = [self.objective(x, h, g, term=term)
+                for x, h, g in zip(latents.chunk(self.ranks), hidden.chunk(self.ranks), self.generators)]
+        return {key: sum(out[key] for out in outs) / self.ranks for key in outs[0]}
+
+
+def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_checkpoint, say,
+          ranks: int = 1) -> object:
+    """Train ``stage`` for max(checkpoints) steps (on ``ranks`` emulated DDP ranks, `RanksInOneProcess`);
+    ``on_checkpoint(step, model)`` at each checkpoint."""
     import torch
 
     from icd.train.loop import step_generator, train_step
@@ -155,6 +178,9 @@ def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_c
     batch, steps, start = stage_config.global_batch_size, max(checkpoints), time.time()
     terms = model.objective.term_names() if stage_config.step_per_term else None
     permutation, cursor = torch.randperm(len(latents), generator=order), 0
+    if batch % ranks:
+        raise ValueError(f"--ranks {ranks}: the global batch {batch} does not split evenly")
+    objective = model.objective if ranks == 1 else RanksInOneProcess(model.objective, ranks, config.seed)
     for step in range(steps + 1):
         if step in checkpoints:
             on_checkpoint(step, model)
@@ -164,7 +190,9 @@ def train(stage: str, config, input_manifest, latents, hidden, checkpoints, on_c
             permutation, cursor = torch.randperm(len(latents), generator=order), 0
         index = permutation[cursor:cursor + batch]
         cursor += batch
-        out, _ = train_step(model.objective, latents[index], hidden[index], step_generator(config.seed, 0, step),
+        if ranks > 1:
+            objective.begin_step(step)
+        out, _ = train_step(objective, latents[index], hidden[index], step_generator(config.seed, 0, step),
                             optimizer, trainable, stage_config.grad_clip, schedule, model.target, terms=terms)
         if (step + 1) % 20 == 0:
             losses = " ".join(f"{k} {v.item():.4f}" for k, v in out.items() if k != "loss")
@@ -188,6 +216,8 @@ def main() -> None:
                         help="start from this cfg_distill output (its directory or manifest, local or s3:// with the "
                              "stack's environment) instead of training one, e.g. a paper_table run's, to compare "
                              "this single-process icd stage with the Ray Train one from the same input")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="split each icd batch over this many emulated DDP ranks (each with its rank's draws)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pictures", default=None,
                         help="write the training preview grid (generation, input, reconstruction, edit) of the first "
@@ -249,7 +279,7 @@ def main() -> None:
                     f"chains: decoder {result['decoder_chain_error']:.4f} encoder {result['encoder_chain_error']:.4f}")
 
             model = train("icd", config, cfg_manifest, data["latents"], data["hidden"], args.checkpoints,
-                          on_checkpoint, say)
+                          on_checkpoint, say, ranks=args.ranks)
             if args.cycle_steps:
                 config = load_config(args.config, [*sets, f"seed={seed}", f"train.icd.global_batch_size={args.batch}",
                                                    f"train.icd.steps={max(args.checkpoints)}",
