@@ -31,9 +31,10 @@ ROWS = ("ddim50", "ddim4", "icd4_init", "icd2", "icd3", "icd4", "icd4_lf", "icd4
 NO_PRESERVATION = ["method.lambda_forward=0", "method.lambda_reverse=0"]
 # The toy's pure consistency distillation (the rows without Lf / Lr): online and in latent units it falls
 # ~4 dB below its zero-adapter start; with the distance in epsilon units and an EMA target it stays above
-# it at 120, 240 and 480 steps in process (icd_ablation, batch 16), and through this table's path it
-# reconstructs 7-8 dB better than online latent CD on seed 1 (README "Training fidelity", "Benchmarks";
-# there the 3- and 4-step rows still end below their start). With the preservation losses both cost, so
+# it at 120, 240 and 480 steps in process from the ablation's cfg_distill (icd_ablation, batch 16), and
+# through this table's path it reconstructs 7-8 dB better than online latent CD on seed 1 (README
+# "Training fidelity", "Benchmarks"); from that seed's cfg_distill, whose untrained jumps start higher,
+# the 3- and 4-step rows still end below their start. With the preservation losses both cost, so
 # the other rows keep the preset's latent distance and online target; other presets keep the official ones.
 TOY_PURE_CD = ["method.consistency_space=eps", "method.target_ema_decay=0.95"]
 VARIANTS = {
