@@ -32,7 +32,7 @@ demo: stack-up
 	@echo "== checking the stack from inside a Ray job (Ray Data <-> S3, MLflow)"
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/check_stack.py
 	@echo "== shapes-world shards to S3 (skipped when already there)"
-	eval "$$($(BIN)/icd stack env)" && $(BIN)/python jobs/make_shards.py --name shapes --count 20000 --eval-count 512 --skip-existing
+	eval "$$($(BIN)/icd stack env)" && $(BIN)/python jobs/make_shards.py --name shapes --count 20000 --eval-count 512 --val-count 256 --skip-existing
 	@echo "== the training DAG as a Ray job: latents -> cfg_distill -> icd -> (evaluate || cycle) -> evaluate -> register -> promote"
 	eval "$$($(BIN)/icd stack env)" && $(BIN)/ray job submit --working-dir . -- python jobs/train_icd.py --config jobs/configs/toy.yaml
 	@echo "== editing a held-out image with models:/icd-toy@champion"

@@ -66,6 +66,9 @@ class DataConfig(_Section):
     dataset: str = "laion-aesthetic-6.5"  # s3://<bucket>/datasets/<dataset>/ unless shards_uri
     shards_uri: str | None = None
     eval_dataset: str | None = None
+    # Held-out images that choose the checkpoint a stage exports (`train.<stage>.export: best_validation`):
+    # a split of their own, so that the evaluation set (`eval_dataset`) never takes part in a choice.
+    validation_dataset: str | None = None
     min_side: int = Field(256, ge=1)
     max_aspect_ratio: float = Field(2.0, ge=1.0)
     min_similarity: float | None = Field(None, ge=0, le=1)
@@ -180,6 +183,12 @@ class StageConfig(_Section):
     images_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    # Which weights the stage exports: those of its last step, or those of the checkpoint whose
+    # reconstruction PSNR on `data.validation_dataset` is highest (early stopping's "restore the best
+    # weights"; Ray Train keeps that checkpoint through `checkpoint_score_attribute`). icd and cycle only.
+    export: Literal["last", "best_validation"] = "last"
+    validation_count: int = Field(64, ge=1, description="images of data.validation_dataset scored at each "
+                                  "checkpoint when export is best_validation")
 
     @model_validator(mode="after")
     def _warmup_has_a_schedule(self) -> "StageConfig":
@@ -291,6 +300,21 @@ class Config(_Section):
     serving: ServingConfig = Field(default_factory=ServingConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _best_validation_has_images(self) -> "Config":
+        for stage in ("cfg_distill", "icd", "cycle"):
+            if getattr(self.train, stage).export != "best_validation":
+                continue
+            if stage == "cfg_distill":
+                raise ValueError("train.cfg_distill.export: best_validation scores reconstruction, which the "
+                                 "guidance-distilled UNet alone does not do; expected 'last' (best_validation "
+                                 "is for icd and cycle)")
+            if not self.data.validation_dataset:
+                raise ValueError(f"train.{stage}.export is best_validation but data.validation_dataset is not "
+                                 f"set: expected the name of a held-out shard dataset (e.g. shapes-val, written "
+                                 f"by jobs/make_shards.py --val-count)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,5 +1,6 @@
 """The three stages as `ray job submit` jobs on the stack: 2 CPU workers (DDP over gloo, icd with one
-optimizer step per loss term), checkpoints in S3, a worker killed mid-run, a finished stage submitted again."""
+optimizer step per loss term), checkpoints in S3, a worker killed mid-run, cycle exporting its best
+checkpoint on the validation split across a worker loss, a finished stage submitted again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from pyarrow.fs import FileSelector
 
@@ -24,7 +26,11 @@ RUN = "test-train"
 # 0.827 at lr 1e-3, which damages the full UNet); 40 steps at 3e-4 lower it.
 STEPS = {"cfg_distill": 40, "icd": 12, "cycle": 6}
 SETTINGS = [
-    "data.dataset=test-train-shapes", "data.eval_dataset=null",
+    "data.dataset=test-train-shapes", "data.eval_dataset=null", "data.validation_dataset=test-train-shapes-val",
+    # icd exports its last step (its checkpoints are kept by time below); cycle its best checkpoint, with a
+    # learning rate that ramps to a destructive 0.2 over the run, so that its first checkpoint scores best
+    "train.icd.export=last", "train.cycle.export=best_validation", "train.cycle.validation_count=16",
+    "train.cycle.lr=0.2", "train.cycle.lr_scheduler=constant_with_warmup", "train.cycle.lr_warmup_steps=6",
     "train.cfg_distill.global_batch_size=16", "train.cfg_distill.lr=3e-4",
     "train.icd.global_batch_size=16", "train.icd.lr=1e-3", "train.icd.lr_scheduler=cosine",
     "train.cycle.global_batch_size=4",
@@ -69,6 +75,21 @@ def guided_errors(manifest: dict) -> tuple[float, float]:
                      for bundle in (base, student))
 
 
+def exported_weights(manifest: dict) -> dict:
+    """The stage output's trainable parameters as the server loads them (the forward adapter, by UNet name)."""
+    from icd.train.stages import load_stage_bundle
+
+    unet = load_stage_bundle(manifest).unet
+    return {name: p.detach() for name, p in unet.named_parameters() if ".icd_forward." in name and "lora_" in name}
+
+
+def checkpoint_weights(path: str) -> dict:
+    from safetensors.torch import load
+
+    with s3_filesystem().open_input_stream(f"{path}/trainable.safetensors") as stream:
+        return load(stream.read())
+
+
 def losses(client, run_id: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
 
@@ -76,7 +97,7 @@ def losses(client, run_id: str) -> list[float]:
 def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack_env):
     env = {**os.environ, **stack_env.client_env()}
     made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "test-train-shapes", "--count", "64",
-                           "--per-shard", "32", "--eval-count", "0"], env=env, cwd=REPO, capture_output=True,
+                           "--per-shard", "32", "--eval-count", "0", "--val-count", "16"], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -129,9 +150,23 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
         assert metric.value == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * metric.step / STEPS["icd"])),
                                              abs=1e-9), (metric.step, metric.value)
 
-    cycle, _ = submit("cycle", env)
-    assert cycle["input"] == icd["output"] and cycle["steps"] == STEPS["cycle"]
+    # cycle, with worker 1 killed after step 5: the restart (from step 4) gets the best weights back from
+    # the step-2 checkpoint Ray Train kept for its score, and the stage exports them, not step 6's
+    cycle, log = submit("cycle", env, "--failure-drill", "1:5")
+    assert cycle["input"] == icd["output"] and cycle["steps"] == STEPS["cycle"] and cycle["resumed_from"] == [4]
     assert "cycle" in client.get_run(cycle["mlflow_run_id"]).data.metrics
+    scores = {m.step: m.value for m in client.get_metric_history(cycle["mlflow_run_id"], "validation_psnr")}
+    assert sorted(scores) == [2, 4, 6], scores
+    best = max(scores, key=scores.get)
+    assert cycle["exported_step"] == best == 2, scores  # the ramp to lr 0.2 damages the later ones
+    assert cycle["validation_psnr"] == pytest.approx(scores[best], abs=1e-3)
+    assert f"exporting step 2 (validation_psnr" in log
+    exported = exported_weights(cycle)
+    root = f"{stack_env.bucket}/checkpoints/{RUN}/cycle-{cycle['identity']}"
+    chosen, last = (checkpoint_weights(f"{root}/step-{step:07d}") for step in (2, 6))
+    assert set(exported) == set(chosen)
+    assert all(torch.equal(value, chosen[name]) for name, value in exported.items())
+    assert not all(torch.equal(value, last[name]) for name, value in exported.items())
 
     # the same stage, the same config: nothing is trained and no MLflow run is added
     runs_before = len(client.search_runs([run.info.experiment_id]))

@@ -30,6 +30,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 IMAGE_SIZE = 32
 # The held-out split's first seed: jobs/make_shards.py writes <name>-eval from EVAL_SEED_OFFSET + seed on.
 EVAL_SEED_OFFSET = 1_500_000_000
+# The validation split's (<name>-val, which chooses checkpoints): as far from both as the eval split is from training.
+VALIDATION_SEED_OFFSET = 1_750_000_000
 DRAW_SIZE = 128
 STAR_INNER_RATIO = 0.45
 

@@ -108,15 +108,16 @@ def measure_stage(config: Config, stage: str, manifest: dict, input_manifest: di
         from icd.evaluation.reconstruction import consistency_reconstructor, reconstruction_metrics
 
         paths = StagePaths.of(config, stage, manifest["run"], checkpoint_root, settings)
-        final = int(manifest.get("steps", 0))
+        # the exported step: the last, or the best checkpoint on the validation split (train.<stage>.export)
+        exported = int(manifest.get("exported_step", manifest.get("steps", 0)))
         curve[0] = before["psnr"]
         for step, uri in kept_checkpoints(paths.storage_path, paths.trainer_name, settings).items():
-            if step == final:  # the exported output itself, measured above
+            if step == exported:  # the exported output itself, measured above
                 continue
             load_checkpoint_weights(output, uri, settings)
             curve[step] = reconstruction_metrics(output, images, captions,
                                                  consistency_reconstructor(boundaries, seed=config.seed))["psnr"]
-        curve[final] = after["psnr"]
+        curve[exported] = after["psnr"]
     return {"key": check_key(config, stage), "stage": stage, "eval_count": len(images), "before": before,
             "after": after, "curve": {str(k): v for k, v in sorted(curve.items())}}
 

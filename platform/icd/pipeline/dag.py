@@ -64,6 +64,16 @@ class TrainingDAG:
 
         return read_stage_manifest(self.paths(stage).manifest, self.settings)
 
+    def datasets(self) -> list[str]:
+        """The shard datasets the pipeline reads: training, held-out, and validation when a stage exports its best."""
+        from icd.train.validation import selects_best
+
+        data = self.config.data
+        names = [data.dataset, data.eval_dataset]
+        if any(selects_best(self.config, stage) for stage in TRAINING):
+            names.append(data.validation_dataset)
+        return [n for n in names if n]
+
     def dataset_ready(self, name: str | None) -> bool:
         return bool(name) and read_json(self.settings.uri(f"datasets/{name}/_stats.json"), self.settings) is not None
 
@@ -73,8 +83,7 @@ class TrainingDAG:
         from icd.evaluation.job import EVALUATION, evaluation_key
 
         items = []
-        data = self.config.data
-        missing = [n for n in (data.dataset, data.eval_dataset) if n and not self.dataset_ready(n)]
+        missing = [n for n in self.datasets() if not self.dataset_ready(n)]
         items.append(PlanItem("shards", "skip" if missing else "reuse",
                               f"missing {missing}: run jobs/make_shards.py" if missing else "datasets present"))
         cache = cache_location(self.config, settings=self.settings)
@@ -131,11 +140,11 @@ class TrainingDAG:
 
         try:
             if "shards" in steps:
-                data = self.config.data
-                missing = [n for n in (data.dataset, data.eval_dataset) if n and not self.dataset_ready(n)]
+                missing = [n for n in self.datasets() if not self.dataset_ready(n)]
                 if missing:
                     raise PipelineError(f"datasets {missing} not found under {self.settings.uri('datasets')}/: write "
-                                        "them with jobs/make_shards.py (e.g. --name shapes --eval-count 512)")
+                                        "them with jobs/make_shards.py (e.g. --name shapes --eval-count 512 "
+                                        "--val-count 256)")
                 done("shards", action="present")
             if "latents" in steps:
                 cache = ensure_latent_cache(self.config, settings=self.settings)

@@ -6,7 +6,7 @@ One directory, reported to Ray Train (which copies it to ``RunConfig.storage_pat
     target.safetensors      the EMA consistency target's adapters, when the run keeps one
     optimizer.pt            AdamW state (tensors only; loaded with ``weights_only=True``)
     scheduler.pt            the learning-rate schedule's position (absent in checkpoints written before it)
-    state.json              step, epoch, the steps it resumed from, the MLflow run id
+    state.json              step, epoch, the steps it resumed from, the best validation step and score
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     resumed_from: list[int] = field(default_factory=list)
+    # train.<stage>.export: best_validation: the best-scoring checkpoint so far (icd.train.validation)
+    best_step: int | None = None
+    best_score: float | None = None
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,3 +101,15 @@ def restore_checkpoint(checkpoint: ray.train.Checkpoint, trainable: dict[str, to
     """
     with tempfile.TemporaryDirectory(prefix=f"icd-resume-rank{rank}-") as directory:
         return load_checkpoint(Path(checkpoint.to_directory(directory)), trainable, optimizer, target, scheduler)
+
+
+def checkpoint_weights(checkpoint: ray.train.Checkpoint, step: int, rank: int) -> dict[str, torch.Tensor]:
+    """The trainable weights of the run's checkpoint at ``step``: the sibling ``step-NNNNNNN`` of ``checkpoint``.
+
+    Ray Train keeps it while it scores best (``checkpoint_score_attribute``), so a resumed run gets
+    back the weights it would export.
+    """
+    sibling = ray.train.Checkpoint(path=f"{checkpoint.path.rstrip('/').rsplit('/', 1)[0]}/step-{step:07d}",
+                                   filesystem=checkpoint.filesystem)
+    with tempfile.TemporaryDirectory(prefix=f"icd-best-rank{rank}-") as directory:
+        return load_file(str(Path(sibling.to_directory(directory)) / "trainable.safetensors"))

@@ -3,8 +3,9 @@
 build the stage's model -> restore the latest checkpoint if Ray Train hands one over ->
 wrap the objective in DDP -> for each batch of this worker's data shard: loss, backward,
 clip, step, advance the LR schedule, move the EMA target if the run keeps one -> every N
-steps: metrics and image grids to MLflow (rank 0), a checkpoint to storage -> at the end
-rank 0 exports the artifacts to the stage's output.
+steps: metrics and image grids to MLflow (rank 0), a checkpoint to storage (scored on the
+validation split first when the stage exports its best checkpoint) -> at the end rank 0
+exports the artifacts (the last step's or the best checkpoint's) to the stage's output.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from icd.config import Config
 from icd.data.feeding import epoch_batches
 from icd.diffusion.boundaries import Boundaries
 from icd.storage import S3Settings
-from icd.train.checkpointing import TrainState, restore_checkpoint, save_checkpoint
+from icd.train.checkpointing import TrainState, checkpoint_weights, restore_checkpoint, save_checkpoint
 from icd.train.optimization import build_optimizer
 from icd.train.progress import eta_s, progress_line
 from icd.train.stages import build_stage_model, export_stage
+from icd.train.validation import SCORE, BestWeights, Validator, selects_best
 
 NUMERIC_COLUMNS = {"latents": ["latents", "encoder_hidden_states"], "raw": ["pixels", "input_ids", "size_ids"]}
 
@@ -119,6 +121,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         state = restore_checkpoint(checkpoint, trainable, optimizer, rank, model.target, lr_schedule)
         state.resumed_from.append(state.step)
+    validator, best = None, BestWeights()
+    if rank == 0 and selects_best(config, stage):  # only rank 0 scores and exports
+        validator = Validator.from_config(config, stage, settings)
+        if state.best_step is not None:
+            best.step, best.score = state.best_step, state.best_score
+            best.weights = ({n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
+                            if state.best_step == state.step else checkpoint_weights(checkpoint, state.best_step, rank))
     terms = model.objective.term_names() if stage_config.step_per_term else None
     # DDP (gloo on CPU, nccl on GPU) when world > 1; a per-term step leaves the other adapter unused
     objective = ray.train.torch.prepare_model(
@@ -181,7 +190,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if state.step % stage_config.checkpoint_every == 0 or state.step == stage_config.steps:
                 elapsed = time.perf_counter() - timed["start"]
                 throughput = timed["steps"] * batch_size * world / elapsed if timed["steps"] else 0.0
-                _report(state, out, rank, trainable, optimizer, lr_schedule, throughput, model.target)
+                scores = {}
+                if validator:
+                    scores[SCORE] = validator.score(model.bundle)
+                    if best.offer(state.step, scores[SCORE], trainable):
+                        state.best_step, state.best_score = best.step, best.score
+                    scores.update(best_step=state.best_step, best_validation_psnr=state.best_score)
+                    if logger:
+                        logger.log_metrics({SCORE: scores[SCORE]}, state.step)
+                _report(state, out, rank, trainable, optimizer, lr_schedule, throughput, model.target, scores)
         if seen == 0:
             raise RuntimeError(f"worker {rank} got no batch of {batch_size} in epoch {state.epoch}: "
                                f"the dataset is smaller than global_batch_size={stage_config.global_batch_size}")
@@ -191,14 +208,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if logger:  # the last metrics reach MLflow before the driver closes the run (bounded if it is down)
         logger.close(timeout_s=120)
     if rank == 0:
+        if validator and best.step is not None and best.step != state.step:
+            sys.stdout.write(f"{stage}: exporting step {best.step} ({SCORE} {best.score:.2f} dB, the best of the "
+                             f"checkpoints) instead of step {state.step}\n")
+            best.load_into(trainable)
         export_stage(model, loop_config["output_uri"], settings)
 
 
 def _report(state: TrainState, out: dict, rank: int, trainable, optimizer, lr_schedule, samples_per_s: float,
-            target=None) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+            target=None, scores: dict | None = None) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint and its validation scores."""
     metrics = {"step": state.step, "epoch": state.epoch, "loss": out["loss"].item(),
-               "resumed_from": list(state.resumed_from), "samples_per_s": samples_per_s}
+               "resumed_from": list(state.resumed_from), "samples_per_s": samples_per_s, **(scores or {})}
     if rank != 0:
         ray.train.report(metrics)
         return

@@ -3,7 +3,9 @@
 A finished stage (its manifest exists for the same identity) is returned as is and
 trains nothing. Otherwise the trainer runs under ``RunConfig(name=<stage>-<identity>,
 storage_path=<root>/checkpoints/<run>)``, so a job submitted again resumes from the latest
-checkpoint, and ``FailureConfig`` restarts the worker group from it when a worker dies.
+checkpoint, and ``FailureConfig`` restarts the worker group from it when a worker dies. A stage
+that exports its best checkpoint (``train.<stage>.export: best_validation``) has Ray Train keep
+checkpoints by their ``validation_psnr``; the manifest names the step it exported.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
 from icd.train.resources import wait_for_resources
 from icd.train.stage_lock import stage_lock
 from icd.train.stages import PREVIOUS, StagePaths, check_stage, make_manifest, read_stage_manifest, write_json
+from icd.train.validation import SCORE, selects_best
 
 PREVIEW_SAMPLES = 8
 
@@ -89,6 +92,8 @@ def _train(config: Config, stage: str, paths: StagePaths, root: str | None, sett
     if is_s3_uri(paths.storage_path):  # Ray pickles it to the controller and workers: keep its retries
         fs = picklable_s3_filesystem(settings or S3Settings.from_env())
     scaling = config.scaling
+    # By score, Ray keeps the best `keep_checkpoints` and the latest (to resume from).
+    score = {"checkpoint_score_attribute": SCORE, "checkpoint_score_order": "max"} if selects_best(config, stage) else {}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "stage": stage, "input_manifest": input_manifest,
@@ -101,7 +106,8 @@ def _train(config: Config, stage: str, paths: StagePaths, root: str | None, sett
                                   **scaling.custom_resources_per_worker}),
         run_config=ray.train.RunConfig(
             name=paths.trainer_name, storage_path=storage_path, storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=getattr(config.train, stage).keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=getattr(config.train, stage).keep_checkpoints,
+                                                         **score),
             failure_config=ray.train.FailureConfig(max_failures=max_failures)),
         datasets={"train": dataset},
     )
@@ -115,6 +121,9 @@ def _train(config: Config, stage: str, paths: StagePaths, root: str | None, sett
     manifest = make_manifest(paths, config, input_manifest, int(state.get("step", 0)),
                              list(state.get("resumed_from", [])))
     manifest["samples_per_s"] = round(float(state.get("samples_per_s", 0.0)), 3)
+    if selects_best(config, stage) and state.get("best_step") is not None:
+        manifest["exported_step"] = int(state["best_step"])
+        manifest[SCORE] = round(float(state["best_validation_psnr"]), 3)
     if mlflow:
         manifest["mlflow_run_id"] = mlflow["run_id"]
     write_json(paths.manifest, manifest, settings)  # last: a manifest means a complete output

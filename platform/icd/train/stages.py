@@ -68,6 +68,14 @@ def stage_identity(config: Config, stage: str) -> str:
     # Logging and checkpoint cadence do not change the weights (the draws are seeded per step).
     for key in ("log_every", "images_every", "checkpoint_every", "keep_checkpoints"):
         parts["train"].pop(key)
+    # The validation split only chooses which checkpoint is exported: it is part of the identity of the
+    # stages that export their best checkpoint (with the cadence that makes the candidates), no other.
+    validation = parts["data"].pop("validation_dataset", None)
+    if parts["train"].pop("export", "last") == "best_validation":
+        parts["train"].update(export="best_validation", validation_dataset=validation,
+                              checkpoint_every=getattr(config.train, stage).checkpoint_every)
+    else:
+        parts["train"].pop("validation_count", None)
     if PREVIOUS[stage]:
         parts["input"] = stage_identity(config, PREVIOUS[stage])
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"))
