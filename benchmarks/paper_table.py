@@ -46,11 +46,11 @@ VARIANTS = {
 }
 
 
-def variant_configs(args, seed: int = 0) -> dict:
+def variant_configs(args, seed: int = 0, extra: tuple[str, ...] = ()) -> dict:
     """The resolved config of each variant for one seed (the stage identities follow from them)."""
     from icd.config import load_config
 
-    common = [f"seed={seed}", f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
+    common = [*extra, f"seed={seed}", f"train.cfg_distill.steps={args.cfg_steps}", f"train.icd.steps={args.icd_steps}",
               f"train.icd.global_batch_size={args.icd_batch}", f"train.cycle.steps={args.cycle_steps}",
               f"train.cycle.global_batch_size={args.cycle_batch}"]
     configs = {}

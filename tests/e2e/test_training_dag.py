@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent
 RUN = "e2e-dag"
 TINY = [
     "data.dataset=e2e-shapes", "data.eval_dataset=e2e-shapes-eval", "tracking.experiment=icd-e2e",
+    "data.validation_dataset=e2e-shapes-val", "train.icd.validation_count=16", "train.cycle.validation_count=16",
     "train.cfg_distill.global_batch_size=16", "train.icd.global_batch_size=16", "train.cycle.global_batch_size=4",
     *[f"train.{stage}.{key}={value}" for stage in ("cfg_distill", "icd", "cycle")
       for key, value in (("steps", 4), ("checkpoint_every", 2), ("images_every", 4))],
@@ -45,7 +46,7 @@ def submit_dag(env: dict, *extra: str, expect_failure: bool = False, with_log: b
 def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, tmp_path):
     env = {**os.environ, **stack_env.client_env()}
     made = subprocess.run([sys.executable, "jobs/make_shards.py", "--name", "e2e-shapes", "--count", "64",
-                           "--eval-count", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--eval-count", "16", "--val-count", "16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
 

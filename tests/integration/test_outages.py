@@ -21,7 +21,8 @@ OUTAGE_S = 30
 
 
 def stage_command(run: str, steps: int) -> list[str]:
-    settings = ("data.dataset=test-outage-shapes", "data.eval_dataset=null", f"train.icd.steps={steps}",
+    settings = ("data.dataset=test-outage-shapes", "data.eval_dataset=null", "train.icd.export=last",
+                f"train.icd.steps={steps}",
                 "train.icd.checkpoint_every=4", "train.icd.global_batch_size=8", "train.icd.log_every=1",
                 f"train.icd.images_every={steps}", "train.cfg_distill.steps=2", "train.cfg_distill.global_batch_size=8")
     return [str(BIN / "ray"), "job", "submit", "--working-dir", ".", "--", "python", "jobs/train_stage.py",

@@ -12,7 +12,8 @@ from icd.train.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from icd.train.stages import stage_identity
 from icd.train.validation import BestWeights, selects_best
 
-BEST = ["data.validation_dataset=shapes-val", "train.icd.export=best_validation"]
+LAST = ["train.icd.export=last", "train.cycle.export=last"]
+BEST = [*LAST, "data.validation_dataset=shapes-val", "train.icd.export=best_validation"]
 
 
 def params(value: float) -> dict[str, torch.nn.Parameter]:
@@ -52,8 +53,12 @@ def test_the_best_step_survives_a_checkpoint_round_trip(tmp_path):
 def test_best_validation_needs_a_validation_split_and_a_stage_that_reconstructs():
     assert selects_best(load_config("jobs/configs/toy.yaml", BEST), "icd")
     assert not selects_best(load_config("jobs/configs/toy.yaml", BEST), "cycle")
+    toy, sd15 = load_config("jobs/configs/toy.yaml"), load_config("jobs/configs/sd15.yaml")
+    assert [selects_best(toy, stage) for stage in ("cfg_distill", "icd", "cycle")] == [False, True, True]
+    assert toy.data.validation_dataset == "shapes-val"
+    assert not any(selects_best(sd15, stage) for stage in ("cfg_distill", "icd", "cycle"))  # the paper's last step
     with pytest.raises(ConfigError, match=r"train.icd.export is best_validation but data.validation_dataset"):
-        load_config("jobs/configs/toy.yaml", ["train.icd.export=best_validation", "data.validation_dataset=null"])
+        load_config("jobs/configs/toy.yaml", ["data.validation_dataset=null"])
     with pytest.raises(ConfigError, match=r"train.cfg_distill.export: best_validation"):
         load_config("jobs/configs/toy.yaml", ["data.validation_dataset=shapes-val",
                                               "train.cfg_distill.export=best_validation"])
@@ -61,14 +66,17 @@ def test_best_validation_needs_a_validation_split_and_a_stage_that_reconstructs(
         load_config("jobs/configs/toy.yaml", ["train.icd.export=best"])
 
 
+def named_sets() -> list[str]:
+    return [*LAST, "data.validation_dataset=shapes-val"]
+
+
 def test_the_validation_split_is_hashed_only_into_stages_that_choose_by_it():
-    last = load_config("jobs/configs/toy.yaml", ["data.validation_dataset=null"])
-    named = load_config("jobs/configs/toy.yaml", ["data.validation_dataset=shapes-val"])
+    last = load_config("jobs/configs/toy.yaml", [*LAST, "data.validation_dataset=null"])
+    named = load_config("jobs/configs/toy.yaml", [*LAST, "data.validation_dataset=shapes-val"])
     # exporting the last step: the split, its size and the cadence do not change what is exported
     assert stage_identity(last, "icd") == stage_identity(named, "icd")
     assert stage_identity(named, "icd") == stage_identity(
-        load_config("jobs/configs/toy.yaml", ["data.validation_dataset=shapes-val", "train.icd.validation_count=8"]),
-        "icd")
+        load_config("jobs/configs/toy.yaml", [*named_sets(), "train.icd.validation_count=8"]), "icd")
     best = load_config("jobs/configs/toy.yaml", BEST)
     assert stage_identity(best, "icd") != stage_identity(named, "icd")
     assert stage_identity(best, "cfg_distill") == stage_identity(named, "cfg_distill")

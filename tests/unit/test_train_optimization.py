@@ -93,7 +93,8 @@ def test_a_schedule_changes_the_stage_identity_and_the_default_keeps_older_ones(
         "train.cycle.steps=60", "train.cycle.global_batch_size=8",
         "method.lambda_forward=0", "method.lambda_reverse=0",
         # what the toy trained with then; fields added since, at these values, are not hashed
-        "method.preservation_clean_end=renoise", "method.reverse_guidance_scales=null", "model.lora_init=gaussian"])
+        "method.preservation_clean_end=renoise", "method.reverse_guidance_scales=null", "model.lora_init=gaussian",
+        "train.icd.export=last"])
     assert stage_identity(older, "icd") == "72cb281ebc5b"
 
 
