@@ -86,3 +86,40 @@ def test_the_validation_split_is_hashed_only_into_stages_that_choose_by_it():
         assert stage_identity(load_config("jobs/configs/toy.yaml", [*BEST, changed]), "icd") != \
             stage_identity(best, "icd"), changed
     assert math.isinf(BestWeights().score)
+
+
+def test_the_validator_scores_the_mean_per_image_psnr_of_the_4_step_reconstruction_and_keeps_train_mode(tmp_path):
+    import numpy as np
+
+    from icd.data.shapes import VALIDATION_SEED_OFFSET, random_sample
+    from icd.diffusion import samplers
+    from icd.diffusion.boundaries import Boundaries
+    from icd.models.bundle import REVERSE
+    from icd.train.stages import export_untrained, load_stage_bundle
+    from icd.train.validation import Validator
+
+    config = load_config("jobs/configs/toy.yaml")
+    bundle = load_stage_bundle(export_untrained(config, "validate", str(tmp_path)))
+    samples = [random_sample(VALIDATION_SEED_OFFSET + i) for i in range(8)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    captions = [s.caption for s in samples]
+    boundaries = Boundaries.from_config(config.method)
+    validator = Validator(images, captions, boundaries, seed=3)
+
+    def by_hand() -> float:  # invert, decode, then 10 log10(1 / MSE) of each image in [0, 1], averaged
+        out = samplers.reconstruct(bundle, captions, boundaries, images=images,
+                                   generator=torch.Generator().manual_seed(3))
+        a = ((out.images.clamp(-1, 1) + 1) / 2).double().numpy()
+        b = ((images + 1) / 2).double().numpy()
+        return float(np.mean([10 * np.log10(1 / np.mean((x - y) ** 2)) for x, y in zip(a, b)]))
+
+    bundle.unet.train()
+    untrained = validator.score(bundle)
+    assert bundle.unet.training  # the loop goes on training after scoring
+    assert untrained == pytest.approx(by_hand(), abs=1e-3)
+    with torch.no_grad():  # damage the decoder: the score must fall
+        generator = torch.Generator().manual_seed(0)
+        for name, param in bundle.unet.named_parameters():
+            if f"lora_B.{REVERSE}." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    assert validator.score(bundle) < untrained - 1.0
