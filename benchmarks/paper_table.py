@@ -17,7 +17,8 @@ with dynamic CFG (tau = 0.7), and cycle. ``icd4_init`` is the 4-step model befor
 adapters on the guidance-distilled UNet: the teacher's own DDIM jumps between the boundaries),
 which every trained row must beat; each trained row's PSNR at every checkpoint its run kept (the
 DAG's no-regression curve, `icd.evaluation.stage_check`) is printed against its own untrained
-start. Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
+start, with the step the stage exported (on the toy preset the best checkpoint on the validation
+split, `train.<stage>.export`). Last line: {"<row>": {"mse": ..., "psnr": ...}, ...}.
 """
 
 from __future__ import annotations
@@ -163,7 +164,8 @@ def main() -> None:
             curves[seed][name] = curve
             start = curve["0"]
             print(f"seed {seed}  {name:12s} psnr by step: " + ", ".join(f"{k}: {v:.2f}" for k, v in curve.items())
-                  + f"  (beats its start at every checkpoint: {all(v > start for k, v in curve.items() if k != '0')})",
+                  + f"  (beats its start at every checkpoint: {all(v > start for k, v in curve.items() if k != '0')}; "
+                  f"exported step {manifests[seed][name].get('exported_step', manifests[seed][name]['steps'])})",
                   flush=True)
         for name in VARIANTS:
             reconstructor = consistency_reconstructor(Boundaries.from_config(configs[seed][name].method))

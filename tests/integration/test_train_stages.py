@@ -160,6 +160,7 @@ def test_stages_train_resume_after_a_worker_dies_and_are_not_trained_twice(stack
     best = max(scores, key=scores.get)
     assert cycle["exported_step"] == best == 2, scores  # the ramp to lr 0.2 damages the later ones
     assert cycle["validation_psnr"] == pytest.approx(scores[best], abs=1e-3)
+    assert client.get_run(cycle["mlflow_run_id"]).data.tags["icd.exported_step"] == "2"
     assert f"exporting step 2 (validation_psnr" in log
     exported = exported_weights(cycle)
     root = f"{stack_env.bucket}/checkpoints/{RUN}/cycle-{cycle['identity']}"

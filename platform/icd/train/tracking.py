@@ -83,6 +83,8 @@ def finish_stage_run(config: Config, run_id: str, manifest: dict, status: str = 
 
     client = mlflow.MlflowClient(tracking_uri(config))
     client.log_text(run_id, json.dumps(manifest, indent=1), "manifest.json")
+    if "exported_step" in manifest:  # train.<stage>.export: best_validation chose a checkpoint
+        client.set_tag(run_id, "icd.exported_step", str(manifest["exported_step"]))
     client.set_terminated(run_id, status=status)
 
 
