@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -36,6 +34,21 @@ def test_the_best_weights_are_the_highest_scoring_checkpoints_and_come_back_afte
     with torch.no_grad():
         trainable["a.lora_A.weight"].fill_(1.0)
     assert torch.equal(best.weights["a.lora_A.weight"], torch.full((2, 3), 60.0))
+
+
+def test_a_resumed_run_takes_the_best_weights_from_the_restored_checkpoint_or_fetches_them():
+    trainable, fetched = params(3.0), []
+
+    def fetch(step):
+        fetched.append(step)
+        return {name: torch.full_like(p, float(step)) for name, p in trainable.items()}
+
+    same = BestWeights.resumed(90, 22.5, 90, trainable, fetch)
+    assert fetched == [] and torch.equal(same.weights["a.lora_A.weight"], torch.full((2, 3), 3.0))
+    earlier = BestWeights.resumed(60, 22.5, 90, trainable, fetch)
+    assert fetched == [60] and (earlier.step, earlier.score) == (60, 22.5)
+    earlier.load_into(trainable)
+    assert torch.equal(trainable["a.lora_B.weight"], torch.full((3, 2), 60.0))
 
 
 def test_the_best_step_survives_a_checkpoint_round_trip(tmp_path):
@@ -85,7 +98,6 @@ def test_the_validation_split_is_hashed_only_into_stages_that_choose_by_it():
                     "train.icd.checkpoint_every=45"):  # the candidates and how they are scored
         assert stage_identity(load_config("jobs/configs/toy.yaml", [*BEST, changed]), "icd") != \
             stage_identity(best, "icd"), changed
-    assert math.isinf(BestWeights().score)
 
 
 def test_the_validator_scores_the_mean_per_image_psnr_of_the_4_step_reconstruction_and_keeps_train_mode(tmp_path):

@@ -124,10 +124,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     validator, best = None, BestWeights()
     if rank == 0 and selects_best(config, stage):  # only rank 0 scores and exports
         validator = Validator.from_config(config, stage, settings)
-        if state.best_step is not None:
-            best.step, best.score = state.best_step, state.best_score
-            best.weights = ({n: p.detach().to("cpu", copy=True) for n, p in trainable.items()}
-                            if state.best_step == state.step else checkpoint_weights(checkpoint, state.best_step, rank))
+        if state.best_step is not None:  # resumed: the best so far may be an earlier checkpoint's
+            best = BestWeights.resumed(state.best_step, state.best_score, state.step, trainable,
+                                       lambda step: checkpoint_weights(checkpoint, step, rank))
     terms = model.objective.term_names() if stage_config.step_per_term else None
     # DDP (gloo on CPU, nccl on GPU) when world > 1; a per-term step leaves the other adapter unused
     objective = ray.train.torch.prepare_model(

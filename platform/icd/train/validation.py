@@ -29,6 +29,11 @@ def selects_best(config: Config, stage: str) -> bool:
     return getattr(config.train, stage).export == "best_validation"
 
 
+def snapshot(trainable: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights, which training moving on does not change."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+
+
 @dataclass
 class BestWeights:
     """The best-scoring checkpoint so far: its step, score and trainable weights (rank 0 keeps them)."""
@@ -37,12 +42,17 @@ class BestWeights:
     score: float = -math.inf
     weights: dict[str, torch.Tensor] | None = None
 
+    @classmethod
+    def resumed(cls, step: int, score: float, current_step: int, trainable: dict[str, torch.nn.Parameter],
+                fetch) -> "BestWeights":
+        """The best of a resumed run: the restored weights if they are the best, else ``fetch(step)``'s."""
+        return cls(step, score, snapshot(trainable) if step == current_step else fetch(step))
+
     def offer(self, step: int, score: float, trainable: dict[str, torch.nn.Parameter]) -> bool:
         """Keep ``trainable`` if ``score`` beats the best so far (a tie keeps the earlier); True if kept."""
         if not score > self.score:  # NaN never wins
             return False
-        self.step, self.score = step, score
-        self.weights = {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+        self.step, self.score, self.weights = step, score, snapshot(trainable)
         return True
 
     def load_into(self, trainable: dict[str, torch.nn.Parameter]) -> None:
