@@ -76,6 +76,9 @@ class DataConfig(_Section):
     crop: Literal["center", "random"] = "random"
     use_latent_cache: bool = True
     shuffle_seed: int = 0
+    # Ray Data hands the training blocks out in read order, so a rerun of a stage sees the same batches
+    # (icd.data.feeding.ingest_config); off, the order follows the read tasks' timing.
+    preserve_order: bool = False
 
 
 class MethodConfig(_Section):

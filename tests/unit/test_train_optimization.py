@@ -104,3 +104,15 @@ def test_step_per_term_is_hashed_only_when_on():
     assert stage_identity(base, "icd") != stage_identity(per_term, "icd")
     assert stage_identity(base, "cycle") != stage_identity(per_term, "cycle")  # through its icd input
     assert stage_identity(base, "cfg_distill") == stage_identity(per_term, "cfg_distill")
+
+
+def test_preserve_order_changes_every_stage_identity_and_reaches_ray_train():
+    # off is not hashed: the pinned identity above (older outputs) covers it
+    from icd.data.feeding import ingest_config
+
+    off = load_config("jobs/configs/toy.yaml", ["data.preserve_order=false"])
+    on = load_config("jobs/configs/toy.yaml", ["data.preserve_order=true"])
+    for stage in ("cfg_distill", "icd", "cycle"):
+        assert stage_identity(on, stage) != stage_identity(off, stage)
+    assert ingest_config(True)._resolve_execution_options("train").preserve_order is True
+    assert ingest_config(False)._resolve_execution_options("train").preserve_order is False

@@ -15,6 +15,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from icd.config import Config
+from icd.data.feeding import ingest_config
 from icd.storage import S3Settings, filesystem_for, is_s3_uri, picklable_s3_filesystem
 from icd.train import tracking
 from icd.train.loop import NUMERIC_COLUMNS, train_loop_per_worker
@@ -110,6 +111,7 @@ def _train(config: Config, stage: str, paths: StagePaths, root: str | None, sett
                                                          **score),
             failure_config=ray.train.FailureConfig(max_failures=max_failures)),
         datasets={"train": dataset},
+        dataset_config=ingest_config(config.data.preserve_order),
     )
     try:
         result = trainer.fit()

@@ -43,7 +43,7 @@ ADDED_LATER = {("method", "target_ema_decay"): 0.0, ("train", "lr_scheduler"): "
                ("train", "lr_warmup_steps"): 0, ("method", "preservation_clean_end"): "renoise",
                ("model", "lora_init"): "gaussian", ("method", "reverse_guidance_scales"): None,
                ("model", "vae"): None, ("train", "step_per_term"): False,
-               ("method", "consistency_space"): "latent"}
+               ("method", "consistency_space"): "latent", ("data", "preserve_order"): False}
 
 
 def check_stage(stage: str) -> str:
