@@ -17,7 +17,9 @@ the standard deviation of the encoder's latents at 999 (the diffusion marginal's
 the PSNR and background flips when the decoder's first segment (999 -> 779) is replaced by the
 teacher's DDIM steps (20 apart) from the encoder's latents. With ``--checkpoints``, also the
 latent MSE, PSNR and flips of 4 + Lf and 4 + Lf + Lr at each checkpoint their runs kept (row
-key "checkpoints": {step: {"mse": ..., "psnr": ..., "background_flips": ...}}).
+key "checkpoints": {step: {"mse": ..., "psnr": ..., "background_flips": ...}}). The table's guided
+rows (4 + Lf + Lr's inversion decoded at w = 7, without and with dynamic CFG) get the same PSNRs and
+flip counts: on the toy every caption names the background's colour, so guidance can repair a flip.
 Last line: {"<row>": {"psnr": ..., "psnr_pooled": ..., "median_psnr": ..., "under_12db": ...,
 "background_flips": ..., "encoder_then_ddim50": ..., "inversion_then_decoder": ...,
 "encoder_std_999": ..., "teacher_first_segment_psnr": ..., "teacher_first_segment_flips": ...}, ...}
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--eval-count", type=int, default=128)
     parser.add_argument("--checkpoints", action="store_true",
                         help="also reconstruct with each kept checkpoint of icd4_lf and icd4_lf_lr")
+    parser.add_argument("--tau", type=float, default=0.7, help="dynamic CFG of the guided_dcfg row, as paper_table.py")
     args = parser.parse_args()
 
     import numpy as np
@@ -177,6 +180,13 @@ def main() -> None:
                 table[row]["checkpoints"][step] = {"mse": round(latent_mse(decoded, x0), 4),
                                                    **{k: result[k] for k in ("psnr", "background_flips")}}
                 print(f"{row:11s} step {step}: {table[row]['checkpoints'][step]}", flush=True)
+        # the guided rows decode 4 + Lf + Lr's inversion with the caption's guidance: does it repair flips?
+        bundle = load_stage_bundle(manifests["icd4_lf_lr"], settings=settings)
+        encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
+        for row, tau in (("guided", None), ("guided_dcfg", args.tau)):
+            decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries, guidance=7.0, tau=tau)
+            table[row] = summary(bundle.decode_latents(decoded.latents))
+            print(f"{row:11s} {table[row]}", flush=True)
     print(json.dumps(table))
 
 
