@@ -1,9 +1,11 @@
-"""Edit one held-out shapes image with the registry's champion and save it beside the original.
+"""Edit one held-out shapes image with the registry's champion, in each editing mode, beside the original.
 
-    python jobs/demo_edit.py --config jobs/configs/toy.yaml [--out .icd/demo/edit.png]
+    python jobs/demo_edit.py --config jobs/configs/toy.yaml [--modes switch,p2p,guided] [--out .icd/demo/edit.png]
 
 Loads models:/icd-<preset>@champion with mlflow.pyfunc (exactly as a user would), swaps the
-shape's colour in the caption, and prints the version used and where the picture went.
+shape's colour in the caption, edits once per mode (the request's ``mode`` column), and saves one
+labelled picture: the original, then each mode's edit left to right. Prints the version used, each
+mode's UNet passes and where the picture went.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from icd.config import load_config
+from icd.editing.modes import MODES
 from icd.evaluation.editing import color_edits
 from icd.evaluation.reconstruction import load_eval_images
 from icd.storage import S3Settings
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--index", type=int, default=0, help="which held-out image")
+    parser.add_argument("--modes", type=mode_list, default=list(MODES), help=f"comma-separated, of {MODES}")
     parser.add_argument("--out", default=".icd/demo/edit.png")
     args = parser.parse_args()
 
@@ -46,19 +50,37 @@ def main() -> None:
     source = Image.fromarray(((images[args.index].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8"))
     buffer = io.BytesIO()
     source.save(buffer, format="PNG")
-    out = model.predict(pd.DataFrame({"image": [buffer.getvalue()], "source_prompt": [edit.source_prompt],
-                                      "target_prompt": [edit.target_prompt]}))
-    edited = Image.open(io.BytesIO(base64.b64decode(out["image"][0])))
-    side_by_side = Image.new("RGB", (source.width * 2, source.height))
-    side_by_side.paste(source, (0, 0))
-    side_by_side.paste(edited.convert("RGB"), (source.width, 0))
-    side_by_side = side_by_side.resize((side_by_side.width * 8, side_by_side.height * 8), Image.NEAREST)
+    request = pd.DataFrame({"image": [buffer.getvalue()] * len(args.modes),
+                            "source_prompt": [edit.source_prompt] * len(args.modes),
+                            "target_prompt": [edit.target_prompt] * len(args.modes), "mode": args.modes})
+    out = model.predict(request)
+    edits = [Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB") for image in out["image"]]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    side_by_side.save(path)
+    labelled_row([source, *edits], ["original", *args.modes]).save(path)
     print(json.dumps({"model": name, "version": version.version, "source_prompt": edit.source_prompt,
-                      "target_prompt": edit.target_prompt, "nfe": int(out["nfe"][0]), "image": str(path.resolve())}))
+                      "target_prompt": edit.target_prompt,
+                      "modes": {mode: {"nfe": int(nfe)} for mode, nfe in zip(out["mode"], out["nfe"])},
+                      "image": str(path.resolve())}))
 
+
+def mode_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"--modes: expected a comma-separated list of {MODES}, got {text!r}")
+    return modes
+
+
+def labelled_row(panels: list[Image.Image], labels: list[str], scale: int = 8, strip: int = 14) -> Image.Image:
+    """The panels side by side, each enlarged ``scale`` times (nearest neighbour), its label in a strip below."""
+    width, height = panels[0].width * scale, panels[0].height * scale
+    row = Image.new("RGB", (width * len(panels), height + strip), "white")
+    draw = ImageDraw.Draw(row)
+    for i, (panel, label) in enumerate(zip(panels, labels)):
+        row.paste(panel.resize((width, height), Image.NEAREST), (i * width, 0))
+        draw.text((i * width + 4, height + 1), label, fill="black")
+    return row
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -82,7 +84,14 @@ def test_dag_registers_promotes_reuses_and_refuses_a_worse_candidate(stack_env, 
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert demo.returncode == 0, demo.stderr[-2000:]
     shown = json.loads(demo.stdout.splitlines()[-1])
-    assert shown["version"] == first["version"] and shown["nfe"] == 8 and Path(shown["image"]).stat().st_size > 0
+    assert shown["version"] == first["version"]
+    assert shown["modes"] == {"switch": {"nfe": 8}, "p2p": {"nfe": 8}, "guided": {"nfe": 16}}, shown
+    # one picture: the original and one edit per mode, side by side, each over a 14-px label strip
+    picture = np.asarray(Image.open(shown["image"]).convert("RGB"), dtype=np.float32)
+    panel = picture.shape[1] // 4
+    assert picture.shape[1] == 4 * (picture.shape[0] - 14)
+    panels = [picture[:-14, i * panel:(i + 1) * panel] for i in range(4)]
+    assert all(np.abs(edited - panels[0]).mean() > 1.0 for edited in panels[1:])  # every mode changed the image
 
     runs_before = len(client.search_runs([experiment]))
     again = submit_dag(env)
