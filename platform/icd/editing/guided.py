@@ -54,6 +54,11 @@ def rescale_guidance(grad: torch.Tensor, delta_eps: torch.Tensor, bounds: tuple[
     return grad * (target / g_norm).reshape(-1, *([1] * len(dims)))
 
 
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor, batch: int) -> torch.Tensor:
+    """mean((a - b)^2) over each sample's own elements: (batch,). Attention maps are (batch * heads, ...), batch-major."""
+    return (a - b).pow(2).reshape(batch, -1).mean(dim=1)
+
+
 class _Recorder:
     """Keeps the self-attention maps of one pass (an attention controller) and a layer's output."""
 
@@ -114,9 +119,11 @@ def guided_edit(bundle: ModelBundle, x0: torch.Tensor, source: torch.Tensor, tar
                     cur, trg = _Recorder(), _Recorder()
                     _run(bundle, cur, layer, current, t, source, 0.0)
                     eps_trg = _run(bundle, trg, layer, current, t, target, w)
-                    energy = feature_weight * (trg.feature - inv.feature).pow(2).mean()
-                    energy = energy + self_weight * sum((a - b).pow(2).mean() for a, b in zip(cur.self_maps, inv.self_maps))
-                    grad, = torch.autograd.grad(energy, current)
+                    energy = feature_weight * per_sample_mse(trg.feature, inv.feature, len(x))
+                    energy = energy + self_weight * sum(per_sample_mse(a, b, len(x))
+                                                        for a, b in zip(cur.self_maps, inv.self_maps))
+                    # a sum of per-sample energies: each image's gradient is its own, whatever the batch
+                    grad, = torch.autograd.grad(energy.sum(), current)
                 eps = eps_trg.detach() + rescale_guidance(grad, eps_trg.detach() - eps_inv, options.bounds)
                 nfe += 3
             with torch.no_grad():
