@@ -28,7 +28,7 @@ import torch
 SWEEPS = {  # mode: (knob, values, default)
     "switch": ("guidance", [3.0, 5.0, 7.0, 11.0], 7.0),
     "p2p": ("self_fraction", [0.0, 0.3, 0.6, 1.0], 0.6),
-    "guided": ("self_attention_scale", [0.0, 0.5, 1.0, 2.0], 1.0),
+    "guided": ("self_attention_scale", [0.0, 0.3, 1.0, 3.0, 10.0, 33.3], 1.0),  # x the config (toy: 600)
 }
 
 
