@@ -166,6 +166,12 @@ def main() -> None:
             table[row]["teacher_first_segment_psnr"] = first["psnr"]
             table[row]["teacher_first_segment_flips"] = first["background_flips"]
             print(f"{row:11s} {table[row]}", flush=True)
+            if row == "icd4_lf_lr":  # the table's guided rows: its inversion decoded with the caption's guidance
+                for guided_row, tau in (("guided", None), ("guided_dcfg", args.tau)):
+                    decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries, guidance=7.0,
+                                                          tau=tau)
+                    table[guided_row] = summary(bundle.decode_latents(decoded.latents))
+                    print(f"{guided_row:11s} {table[guided_row]}", flush=True)
         for row in ("icd4_lf", "icd4_lf_lr") if args.checkpoints else ():
             bundle = load_stage_bundle(manifests[row], settings=settings)
             parameters = dict(bundle.unet.named_parameters())
@@ -180,13 +186,6 @@ def main() -> None:
                 table[row]["checkpoints"][step] = {"mse": round(latent_mse(decoded, x0), 4),
                                                    **{k: result[k] for k in ("psnr", "background_flips")}}
                 print(f"{row:11s} step {step}: {table[row]['checkpoints'][step]}", flush=True)
-        # the guided rows decode 4 + Lf + Lr's inversion with the caption's guidance: does it repair flips?
-        bundle = load_stage_bundle(manifests["icd4_lf_lr"], settings=settings)
-        encoded = samplers.consistency_encode(bundle, x0, context, boundaries, torch.Generator().manual_seed(0))
-        for row, tau in (("guided", None), ("guided_dcfg", args.tau)):
-            decoded = samplers.consistency_decode(bundle, encoded.latents, context, boundaries, guidance=7.0, tau=tau)
-            table[row] = summary(bundle.decode_latents(decoded.latents))
-            print(f"{row:11s} {table[row]}", flush=True)
     print(json.dumps(table))
 
 

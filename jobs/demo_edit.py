@@ -82,5 +82,6 @@ def labelled_row(panels: list[Image.Image], labels: list[str], scale: int = 8, s
         draw.text((i * width + 4, height + 1), label, fill="black")
     return row
 
+
 if __name__ == "__main__":
     main()
